@@ -1,3 +1,38 @@
-"""h2o-cache: Heavy-Hitter Oracle KV-cache eviction (and hot/cold FFN offload) for Hugging Face transformers."""
+"""h2o-cache: Heavy-Hitter Oracle KV-cache eviction (and hot/cold FFN offload) for Hugging Face transformers.
+
+Importing the package applies the patches in ``h2o_cache.patches`` (idempotent): ``cache_implementation="h2o"``
+becomes a valid ``generate`` option and the attention functions route H2O layers through the scoring attention.
+``disable()`` reverts them; ``enable()`` applies them again.
+"""
+
+from __future__ import annotations
+
+from .cache import H2OCache, H2OLayer
+from .config import POLICIES, H2OConfig
+from .models import load_model
 
 __version__ = "0.1.0"
+__all__ = ["H2OCache", "H2OConfig", "H2OLayer", "POLICIES", "enable", "disable", "load_model", "patches_enabled"]
+
+
+def enable() -> None:
+    """Apply the transformers patches (done on import)."""
+    from . import patches
+
+    patches.apply()
+
+
+def disable() -> None:
+    """Revert the transformers patches: transformers behaves as if h2o_cache was never imported."""
+    from . import patches
+
+    patches.revert()
+
+
+def patches_enabled() -> bool:
+    from . import patches
+
+    return patches.is_applied()
+
+
+enable()

@@ -1,0 +1,338 @@
+"""H2OCache: a ``transformers.Cache`` whose layers keep heavy hitters + recent tokens within a fixed budget.
+
+Storage (``H2OLayer``), per layer, shaped ``[batch, kv_heads, slots, head_dim]``:
+
+- Until the budget is reached, tokens are appended as in ``DynamicLayer`` and nothing is evicted.
+- Past the budget, the layer holds exactly ``budget + 1`` slots: ``budget`` kept tokens and one scratch slot
+  (the last). A decode step writes the new token into the scratch slot, attention runs over all slots, the
+  scores are accumulated, and then ONE victim per (sequence, KV head) is chosen among the non-recent slots;
+  the scratch slot's contents move into the victim's slot. A decode step therefore copies O(head_dim) per head
+  instead of re-concatenating the cache, and the stored size is constant however long generation runs.
+- Each (sequence, KV head) keeps its own set of tokens, so slots hold different positions per head; the layer
+  records each slot's sequence index (``positions``), its accumulated attention (``scores``, float32 whatever
+  the model dtype) and, once padding was seen, whether it is a real token (``valid``).
+
+Order within a step: update (store) -> attention over stored + new tokens (``h2o_cache.attention``) -> scores
+accumulate -> evict. Eviction happens after the step has attended, and the newest token is always in the
+protected recent window, so the token just written is never the one evicted.
+
+The link between ``update`` (which has no query) and the attention function (which gets no cache object): the
+cache marks the updated layer as *pending* in a context variable; the wrapped attention functions registered by
+``h2o_cache.patches`` claim it for the module with the same ``layer_idx``. A layer whose attention never claimed
+it (a model whose attention bypasses transformers' attention registry) is reported at its next update.
+
+Masks: transformers builds one mask for all layers from ``get_mask_sizes`` and assumes stored tokens are
+contiguous positions, which evicted, per-head token sets are not. ``get_mask_sizes`` returns
+``kv_offset = seen - stored`` so that the mask's last ``q`` columns describe the new tokens exactly; the attention
+code reads only those columns (padding of the new tokens) and masks stored tokens with the layer's own ``valid``.
+``get_seq_length`` returns tokens *seen*, so position ids (hence RoPE) stay absolute after eviction.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import H2OConfig
+from .policies import get_policy
+
+logger = logging.getLogger(__name__)
+
+# The layer whose `update` ran last and whose attention has not consumed it yet.
+_PENDING: contextvars.ContextVar[H2OLayer | None] = contextvars.ContextVar("h2o_pending_layer", default=None)
+
+_POS_INF = float("inf")
+
+
+def claim_pending(layer_idx: int | None) -> H2OLayer | None:
+    """The pending H2O layer if it belongs to ``layer_idx`` (and mark it consumed), else None."""
+    layer = _PENDING.get()
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _PENDING.set(None)
+    layer.awaiting_attention = False
+    return layer
+
+
+class H2OLayer(CacheLayerMixin):
+    """One layer's H2O storage and eviction (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    # Evicted tokens are gone, so a rollback (assisted decoding) cannot be honoured.
+    is_croppable = False
+
+    def __init__(self, config: H2OConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.policy = get_policy(config.policy)
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self.heavy: int | None = None  # slots, fixed by the first update (the prompt)
+        self.recent: int | None = None
+        self.scores: torch.Tensor | None = None  # [B, H, S] float32, only for policies that rank by attention
+        self.positions: torch.Tensor | None = None  # [B, H, S] int64, materialised at the first eviction
+        self.valid: torch.Tensor | None = None  # [B, H, S] bool, materialised when padding is first seen
+        self.slot_mode = False  # True once the layer holds budget + 1 slots
+        self.new_tokens = 0  # tokens added by the current step
+        self.awaiting_attention = False
+        self.evicted = 0  # tokens evicted per (sequence, head) so far
+
+    # ---- CacheLayerMixin contract -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        bsz, heads = key_states.shape[:2]
+        self.keys = key_states.new_empty(bsz, heads, 0, key_states.shape[-1])
+        self.values = value_states.new_empty(bsz, heads, 0, value_states.shape[-1])
+        if self.policy.needs_scores:
+            self.scores = torch.zeros(bsz, heads, 0, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def budget(self) -> int | None:
+        return None if self.heavy is None else self.heavy + self.recent
+
+    @property
+    def stored(self) -> int:
+        """Tokens kept per (sequence, head), the scratch slot excluded."""
+        if not self.is_initialized:
+            return 0
+        return self.budget if self.slot_mode else self.keys.shape[-2]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"H2OCache layer {self.layer_idx}: the previous step's attention never reached h2o-cache's scoring "
+                "attention. The model's attention bypasses transformers' attention registry (or h2o_cache.disable() "
+                "was called); H2O supports attn_implementation in "
+                "['sdpa', 'eager', 'flash_attention_2', 'flash_attention_3', 'flash_attention_4']."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys.shape[0] != key_states.shape[0]:
+            raise ValueError(
+                f"H2OCache: batch size {key_states.shape[0]} does not match the cache's batch size "
+                f"{self.keys.shape[0]}; create a new H2OCache (or call cache.reset()) for a different batch"
+            )
+        q_len = key_states.shape[-2]
+        if self.heavy is None:
+            heavy, recent = self.config.token_budgets(q_len)
+            self.heavy, self.recent = self.policy.split(heavy, recent, self.config)
+            logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
+
+        if self.slot_mode and q_len == 1:
+            s = self.budget  # the scratch slot
+            self.keys[:, :, s] = key_states[:, :, 0]
+            self.values[:, :, s] = value_states[:, :, 0]
+            self.positions[:, :, s] = self.seen
+            if self.scores is not None:
+                self.scores[:, :, s] = 0.0
+            if self.valid is not None:
+                self.valid[:, :, s] = True
+        else:
+            if self.slot_mode:  # several new tokens: drop the scratch slot and append
+                self._apply(lambda t: t[:, :, : self.budget])
+                self.slot_mode = False
+            bsz, heads = self.keys.shape[:2]
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.scores is not None:
+                self.scores = torch.cat([self.scores, self.scores.new_zeros(bsz, heads, q_len)], dim=-1)
+            if self.positions is not None:
+                new_pos = torch.arange(self.seen, self.seen + q_len, device=self.device).expand(bsz, heads, q_len)
+                self.positions = torch.cat([self.positions, new_pos], dim=-1)
+            if self.valid is not None:
+                self.valid = torch.cat([self.valid, self.valid.new_ones(bsz, heads, q_len)], dim=-1)
+        self.seen += q_len
+        self.new_tokens = q_len
+        self.awaiting_attention = True
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored if self.is_initialized else 0
+        return stored + query_length, self.seen - stored
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.config, self.layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise ValueError(
+            "H2OCache cannot be cropped: evicted tokens cannot be restored, so rollback-based decoding (assisted / "
+            "speculative generation, DoLa-style rollbacks) is not supported with H2O"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices])
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    # ---- H2O bookkeeping -----------------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply one batch/slot transform to every per-token tensor, so they never drift apart."""
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        for name in ("scores", "positions", "valid"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def _materialised_positions(self) -> torch.Tensor:
+        if self.positions is None:
+            # Before the first eviction every token seen is stored, in order.
+            bsz, heads, slots = self.keys.shape[:3]
+            self.positions = torch.arange(slots, device=self.device).expand(bsz, heads, slots).contiguous()
+        return self.positions
+
+    def mark_new_tokens_valid(self, new_valid: torch.Tensor | None) -> None:
+        """Record which of this step's tokens are real (``[B, q]`` bool); ``None`` means all of them."""
+        if new_valid is None:
+            return
+        bsz, heads, slots = self.keys.shape[:3]
+        if self.valid is None:
+            self.valid = torch.ones(bsz, heads, slots, dtype=torch.bool, device=self.device)
+        self.valid[:, :, slots - self.new_tokens :] = new_valid[:, None, :].to(self.device)
+
+    def key_valid(self) -> torch.Tensor | None:
+        return self.valid
+
+    def after_attention(self, mass: torch.Tensor | None) -> None:
+        """Accumulate this step's attention mass ``[B, H, slots]`` and evict down to the budget."""
+        if mass is not None and self.scores is not None:
+            self.scores += mass
+        if self.slot_mode and self.new_tokens == 1:
+            self._evict_one()
+        elif self.keys.shape[-2] > self.budget:
+            self._evict_to_budget()
+        self.new_tokens = 0
+
+    def _priority(self) -> torch.Tensor:
+        positions = self._materialised_positions()
+        prio = self.policy.priority(self.scores, positions, self.seen, self.config)
+        if self.valid is not None:
+            # Padding is evicted first and never chosen as a heavy hitter.
+            prio = prio.masked_fill(~self.valid, -_POS_INF)
+        # The newest token is always protected, even by a policy without a recent window.
+        protected = positions >= self.seen - max(self.recent, 1)
+        return prio.masked_fill(protected, _POS_INF)
+
+    def _evict_one(self) -> None:
+        victim = self._priority().argmin(dim=-1, keepdim=True)  # [B, H, 1]
+        s = self.budget
+        for name in ("keys", "values"):
+            t = getattr(self, name)
+            t.scatter_(2, victim[..., None].expand(-1, -1, 1, t.shape[-1]), t[:, :, s : s + 1])
+        for name in ("scores", "positions", "valid"):
+            t = getattr(self, name)
+            if t is not None:
+                t.scatter_(2, victim, t[:, :, s : s + 1])
+        self.evicted += 1
+
+    def _evict_to_budget(self) -> None:
+        slots = self.keys.shape[-2]
+        keep = self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values  # [B, H, budget]
+        # One spare slot at the end becomes the scratch slot of the following decode steps.
+        keep = torch.cat([keep, keep[..., -1:]], dim=-1)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            index = keep if t.dim() == 3 else keep[..., None].expand(-1, -1, -1, t.shape[-1])
+            return t.gather(2, index)
+
+        self._apply(gather)
+        self.slot_mode = True
+        self.evicted += slots - self.budget
+
+    def kv_bytes(self) -> int:
+        """Bytes of stored keys and values (the scratch slot included)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class H2OCache(Cache):
+    """Heavy-Hitter Oracle KV cache for transformers 5.
+
+    Use it through ``generate(..., cache_implementation="h2o", cache_config={...})`` or pass it yourself::
+
+        cache = H2OCache(model.config, heavy_budget=128, recent_budget=128)
+        model.generate(ids, past_key_values=cache)
+
+    Args:
+        config: the model's config (checked for support and used to create one layer per decoder layer);
+            ``None`` creates layers lazily.
+        h2o_config: an ``H2OConfig``; or give its fields as keyword arguments (``heavy_ratio=0.1, ...``).
+    """
+
+    def __init__(self, config: Any = None, h2o_config: H2OConfig | None = None, **options: Any):
+        if h2o_config is not None and options:
+            raise ValueError(f"H2OCache: pass either h2o_config or keyword options, not both (got {sorted(options)})")
+        self.h2o_config = h2o_config if h2o_config is not None else H2OConfig.from_dict(options)
+        if config is not None:
+            from .support import check_model_config
+
+            num_layers = check_model_config(config)
+            super().__init__(layers=[H2OLayer(self.h2o_config, i) for i in range(num_layers)])
+        else:
+            super().__init__(layer_class_to_replicate=H2OLayer)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(H2OLayer(self.h2o_config, len(self.layers)))
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        _PENDING.set(layer)
+        return keys, values
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held by all layers."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def tokens_kept(self) -> int:
+        """Tokens stored per (sequence, KV head) in the first layer (all layers keep the same count)."""
+        return self.layers[0].stored if self.layers else 0
+
+    def budget(self) -> int | None:
+        """Total budget in tokens per (sequence, KV head), fixed at prefill; ``None`` before it."""
+        return self.layers[0].budget if self.layers else None
+
+    def stats(self) -> dict[str, Any]:
+        layer = self.layers[0] if self.layers else None
+        return {
+            "policy": self.h2o_config.policy,
+            "tokens_seen": self.get_seq_length(),
+            "tokens_kept": self.tokens_kept(),
+            "heavy": None if layer is None else layer.heavy,
+            "recent": None if layer is None else layer.recent,
+            "kv_bytes": self.kv_bytes(),
+        }

@@ -1,0 +1,132 @@
+"""H2OConfig: the KV budget and eviction policy, validated once, with errors that name the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+POLICIES = ("h2o", "h2o_no_recent", "local", "streaming", "random")
+GQA_AGGREGATIONS = ("mean", "max")
+SCORE_NORMALIZATIONS = ("none", "age")
+
+# The paper's (and its FlexGen implementation's) defaults: 10% heavy hitters + 10% recent tokens.
+DEFAULT_HEAVY_RATIO = 0.1
+DEFAULT_RECENT_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class H2OConfig:
+    """What the cache keeps, per layer and per (sequence, KV head).
+
+    The budget is given either as fractions of the prompt length (``heavy_ratio``/``recent_ratio``, resolved at
+    prefill, as the paper's FlexGen implementation does) or as absolute token counts
+    (``heavy_budget``/``recent_budget``), never both. Nothing given means 10% + 10%.
+
+    Args:
+        heavy_ratio / recent_ratio: fractions in (0, 1] of the prompt length.
+        heavy_budget / recent_budget: token counts >= 0, at least one of them > 0.
+        policy: how the non-recent slots are chosen: ``h2o`` (accumulated attention), ``h2o_no_recent`` (the whole
+            budget goes to heavy hitters), ``local`` (the whole budget is a recent window), ``streaming``
+            (``sink_tokens`` first tokens + recent window, as StreamingLLM), ``random`` (recent window + random
+            older tokens). All policies share one eviction machinery and the same total budget.
+        sink_tokens: first tokens kept by the ``streaming`` policy.
+        gqa_aggregation: how the query heads that share one KV head combine their attention into that head's
+            scores: ``mean`` or ``max``.
+        score_normalization: ``none`` (the paper: plain accumulated attention) or ``age`` (divide by the number
+            of queries that have seen the token, so old tokens are not favoured merely for being old).
+        prefill_chunk_size: queries per chunk when scoring a prompt; ``None`` picks it from
+            ``prefill_chunk_bytes``. Peak scoring memory is O(prompt length x chunk).
+        prefill_chunk_bytes: target size of one chunk's attention block when ``prefill_chunk_size`` is None.
+        seed: seed of the ``random`` policy.
+    """
+
+    heavy_ratio: float | None = None
+    recent_ratio: float | None = None
+    heavy_budget: int | None = None
+    recent_budget: int | None = None
+    policy: str = "h2o"
+    sink_tokens: int = 4
+    gqa_aggregation: str = "mean"
+    score_normalization: str = "none"
+    prefill_chunk_size: int | None = None
+    prefill_chunk_bytes: int = 64 * 2**20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ratios = (self.heavy_ratio, self.recent_ratio)
+        budgets = (self.heavy_budget, self.recent_budget)
+        uses_ratio = any(r is not None for r in ratios)
+        uses_budget = any(b is not None for b in budgets)
+        if uses_ratio and uses_budget:
+            raise ValueError(
+                "H2OConfig: give the budget either as heavy_ratio/recent_ratio or as heavy_budget/recent_budget, "
+                f"not both (got heavy_ratio={self.heavy_ratio}, recent_ratio={self.recent_ratio}, "
+                f"heavy_budget={self.heavy_budget}, recent_budget={self.recent_budget})"
+            )
+        if not uses_ratio and not uses_budget:
+            object.__setattr__(self, "heavy_ratio", DEFAULT_HEAVY_RATIO)
+            object.__setattr__(self, "recent_ratio", DEFAULT_RECENT_RATIO)
+            uses_ratio = True
+        if uses_ratio:
+            for name in ("heavy_ratio", "recent_ratio"):
+                value = getattr(self, name)
+                if value is None:
+                    object.__setattr__(self, name, 0.0)
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                    raise ValueError(f"H2OConfig: {name} must be a number in (0, 1], got {value!r}")
+        else:
+            for name in ("heavy_budget", "recent_budget"):
+                value = getattr(self, name)
+                if value is None:
+                    object.__setattr__(self, name, 0)
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"H2OConfig: {name} must be an integer >= 0, got {value!r}")
+            if self.heavy_budget + self.recent_budget == 0:
+                raise ValueError("H2OConfig: heavy_budget + recent_budget must be >= 1 (got 0 + 0)")
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
+        _check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("prefill_chunk_bytes", self.prefill_chunk_bytes, 1)
+        if self.prefill_chunk_size is not None:
+            _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
+        _check_int("seed", self.seed, 0)
+
+    @property
+    def uses_ratios(self) -> bool:
+        return self.heavy_budget is None
+
+    def token_budgets(self, prompt_length: int) -> tuple[int, int]:
+        """``(heavy, recent)`` in tokens for a prompt of ``prompt_length`` tokens (padding included)."""
+        if not self.uses_ratios:
+            return self.heavy_budget, self.recent_budget
+        heavy = int(self.heavy_ratio * prompt_length)
+        recent = int(self.recent_ratio * prompt_length)
+        if heavy + recent == 0:  # a tiny prompt must still leave room for the token being written
+            recent = 1
+        return heavy, recent
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> H2OConfig:
+        """Build from ``cache_config`` (``generate(..., cache_config={...})``), rejecting unknown keys."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"cache_config: unknown option(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"H2OConfig: {name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"H2OConfig: {name} must be an integer >= {minimum}, got {value!r}")

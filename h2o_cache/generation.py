@@ -1,0 +1,57 @@
+"""``generate`` integration: build an ``H2OCache`` for ``cache_implementation="h2o"`` and refuse what cannot work.
+
+Called by the patched ``GenerationMixin._prepare_cache_for_generation`` (see ``patches/generation.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.generation.configuration_utils import GenerationMode
+
+from .cache import H2OCache
+from .config import H2OConfig
+from .support import SUPPORTED_ATTENTION
+
+H2O_CACHE_IMPLEMENTATION = "h2o"
+
+# Modes that roll the cache back (`crop`) after rejecting tokens: evicted tokens cannot come back.
+_ROLLBACK_MODES = {GenerationMode.ASSISTED_GENERATION: "assisted/speculative decoding"}
+
+
+def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, generation_mode: Any) -> bool:
+    """Validate an H2O generation and, for ``cache_implementation="h2o"``, create its cache.
+
+    Returns True when it created the cache (so transformers' own preparation must be skipped).
+    """
+    user_cache = model_kwargs.get("past_key_values")
+    wants_h2o = generation_config.cache_implementation == H2O_CACHE_IMPLEMENTATION
+    if not wants_h2o and not isinstance(user_cache, H2OCache):
+        return False
+    if wants_h2o and user_cache is not None:
+        raise ValueError(
+            "cache_implementation='h2o' builds its own cache: do not also pass past_key_values "
+            "(pass an H2OCache as past_key_values without cache_implementation instead)"
+        )
+    if wants_h2o and generation_config.use_cache is False:
+        raise ValueError("cache_implementation='h2o' needs use_cache=True")
+    if generation_mode in _ROLLBACK_MODES:
+        raise ValueError(
+            f"H2OCache does not support {_ROLLBACK_MODES[generation_mode]}: it rolls the cache back to undo "
+            "rejected tokens, and tokens H2O evicted cannot be restored"
+        )
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"H2OCache supports attn_implementation in {list(SUPPORTED_ATTENTION)}, not {attn!r}: it must see "
+            "each layer's queries to score the cached tokens"
+        )
+    from . import patches_enabled
+
+    if not patches_enabled():
+        raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before generating with H2O")
+    if not wants_h2o:
+        return False  # transformers' own path marks the user's cache as user-defined
+    options = generation_config.cache_config
+    model_kwargs["past_key_values"] = H2OCache(model.config, H2OConfig.from_dict(options))
+    return True

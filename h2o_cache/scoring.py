@@ -1,0 +1,105 @@
+"""Attention mass per cached token, without the L x L attention matrix.
+
+H2O ranks tokens by the softmax attention they have received. Fast kernels (sdpa, FlashAttention) never expose
+that matrix, so it is recomputed here in query chunks: every chunk holds complete softmax rows over the keys its
+queries can see (causality bounds that to the chunk's end), so a chunk needs O(chunk x L) memory and the column
+sums are exact. A decode step is a single chunk of one query: one q.K^T, softmax, P.V.
+
+Query heads are packed per KV head (GQA/MQA): the G query heads sharing a KV head become G x q rows of one matrix
+product against that head's keys, so keys are never repeated. The G heads' attention then combines into the KV
+head's score by ``mean`` (default) or ``max``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NEG = torch.finfo(torch.float32).min
+
+
+def chunk_size_for(batch: int, query_heads: int, key_length: int, target_bytes: int) -> int:
+    """Queries per chunk so that one chunk's float32 attention block stays near ``target_bytes``."""
+    per_query = max(1, batch * query_heads * key_length * 4)
+    return max(1, target_bytes // per_query)
+
+
+def attention_with_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    *,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    need_mass: bool = True,
+    aggregation: str = "mean",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Causal attention of the last ``q`` keys' queries over all keys, plus the attention mass each key received.
+
+    Args:
+        query: ``[B, Hq, q, D]``; the queries of the newest ``q`` tokens.
+        key, value: ``[B, Hkv, k, D]`` with ``k >= q``; the last ``q`` keys belong to the queries (causal among
+            themselves), the first ``k - q`` are older and visible to every query. ``value=None`` skips the output.
+        key_valid: ``[B, Hkv, k]`` bool, False for padding; ``None`` means all valid.
+        query_valid: ``[B, q]`` bool; rows of padding queries do not add to the mass.
+        chunk_size: queries per chunk (``None``: all at once).
+        aggregation: ``mean`` or ``max`` over the query heads of a group.
+
+    Returns:
+        ``(output [B, q, Hq, D] or None, mass [B, Hkv, k] float32 or None)``.
+    """
+    bsz, hq, q_len, dim = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    groups = hq // hkv
+    past = k_len - q_len
+    chunk = q_len if chunk_size is None else max(1, min(chunk_size, q_len))
+    grouped = query.view(bsz, hkv, groups, q_len, dim)
+
+    out = None
+    if value is not None:
+        out = query.new_empty(bsz, hkv, groups, q_len, value.shape[-1])
+    mass = torch.zeros(bsz, hkv, k_len, dtype=torch.float32, device=query.device) if need_mass else None
+    key_t = key.transpose(-1, -2)
+    pad_mask = None if key_valid is None else ~key_valid[:, :, None, None, :]
+
+    for start in range(0, q_len, chunk):
+        end = min(q_len, start + chunk)
+        rows = end - start
+        visible = past + end  # keys past the chunk's last query are masked for all of its rows
+        q_chunk = grouped[:, :, :, start:end].reshape(bsz, hkv, groups * rows, dim)
+        logits = torch.matmul(q_chunk, key_t[..., :visible]).float().mul_(scaling)
+        logits5 = logits.view(bsz, hkv, groups, rows, visible)
+        if q_len > 1:  # one decode query sees every key
+            q_pos = torch.arange(past + start, past + end, device=query.device)
+            k_pos = torch.arange(visible, device=query.device)
+            logits5.masked_fill_(k_pos[None, :] > q_pos[:, None], _NEG)
+        if pad_mask is not None:
+            logits5.masked_fill_(pad_mask[..., :visible], _NEG)
+        probs = torch.softmax(logits, dim=-1)
+        if out is not None:
+            out[:, :, :, start:end] = torch.matmul(probs.to(value.dtype), value[:, :, :visible]).view(
+                bsz, hkv, groups, rows, -1
+            )
+        if mass is not None:
+            probs5 = probs.view(bsz, hkv, groups, rows, visible)
+            if query_valid is not None:
+                probs5 = probs5 * query_valid[:, None, None, start:end, None]
+            per_head = probs5.sum(dim=3)
+            mass[..., :visible] += per_head.mean(dim=2) if aggregation == "mean" else per_head.amax(dim=2)
+
+    if out is not None:
+        out = out.view(bsz, hq, q_len, -1).transpose(1, 2).contiguous()
+    return out, mass
+
+
+def mass_from_weights(
+    weights: torch.Tensor, num_kv_heads: int, query_valid: torch.Tensor | None, aggregation: str
+) -> torch.Tensor:
+    """The same mass from materialised attention weights ``[B, Hq, q, k]`` (the eager backend returns them)."""
+    bsz, hq, q_len, k_len = weights.shape
+    probs = weights.float().view(bsz, num_kv_heads, hq // num_kv_heads, q_len, k_len)
+    if query_valid is not None:
+        probs = probs * query_valid[:, None, None, :, None]
+    per_head = probs.sum(dim=3)
+    return per_head.mean(dim=2) if aggregation == "mean" else per_head.amax(dim=2)

@@ -1,0 +1,46 @@
+"""Teach ``generate`` the ``cache_implementation="h2o"`` string.
+
+- ``"h2o"`` joins ``ALL_CACHE_IMPLEMENTATIONS`` (read at each ``GenerationConfig.validate``), so generation
+  configs using it validate, save and load once ``h2o_cache`` is imported.
+- ``GenerationMixin._prepare_cache_for_generation`` builds an ``H2OCache`` from ``cache_config`` for ``"h2o"``
+  and checks user-supplied ``H2OCache`` objects against the generation mode; all logic lives in
+  ``h2o_cache.generation``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers.generation import configuration_utils
+from transformers.generation.utils import GenerationMixin
+
+from h2o_cache.generation import H2O_CACHE_IMPLEMENTATION, prepare_h2o_cache
+
+_original_prepare = None
+_original_implementations: tuple[str, ...] | None = None
+
+
+def apply() -> None:
+    global _original_prepare, _original_implementations
+    if _original_prepare is not None:
+        return
+    _original_implementations = configuration_utils.ALL_CACHE_IMPLEMENTATIONS
+    configuration_utils.ALL_CACHE_IMPLEMENTATIONS = _original_implementations + (H2O_CACHE_IMPLEMENTATION,)
+    _original_prepare = GenerationMixin._prepare_cache_for_generation
+
+    @functools.wraps(_original_prepare)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+        if prepare_h2o_cache(self, generation_config, model_kwargs, generation_mode):
+            return None
+        return _original_prepare(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+
+    GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+
+
+def revert() -> None:
+    global _original_prepare, _original_implementations
+    if _original_prepare is None:
+        return
+    GenerationMixin._prepare_cache_for_generation = _original_prepare
+    configuration_utils.ALL_CACHE_IMPLEMENTATIONS = _original_implementations
+    _original_prepare = _original_implementations = None
