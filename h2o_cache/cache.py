@@ -49,10 +49,14 @@ _PENDING: contextvars.ContextVar[H2OLayer | None] = contextvars.ContextVar("h2o_
 _POS_INF = float("inf")
 
 
-def claim_pending(layer_idx: int | None) -> H2OLayer | None:
-    """The pending H2O layer if it belongs to ``layer_idx`` (and mark it consumed), else None."""
+def claim_pending(layer_idx: int | None, key: torch.Tensor) -> H2OLayer | None:
+    """The pending H2O layer if this attention call is its step (and mark it consumed), else None.
+
+    The step is recognised by the very key tensor ``update`` returned, so a layer left pending by a forward
+    that failed can never be claimed by an unrelated attention call (e.g. a later forward with another cache).
+    """
     layer = _PENDING.get()
-    if layer is None or layer.layer_idx != layer_idx:
+    if layer is None or layer.layer_idx != layer_idx or layer.keys is not key:
         return None
     _PENDING.set(None)
     layer.awaiting_attention = False
@@ -247,13 +251,15 @@ class H2OLayer(CacheLayerMixin):
     def _evict_one(self) -> None:
         victim = self._priority().argmin(dim=-1, keepdim=True)  # [B, H, 1]
         s = self.budget
+        # The scratch slot is cloned: scatter_ refuses a source that aliases its destination (torch detects it
+        # e.g. with one KV head, MQA), and a victim may be the scratch slot itself.
         for name in ("keys", "values"):
             t = getattr(self, name)
-            t.scatter_(2, victim[..., None].expand(-1, -1, 1, t.shape[-1]), t[:, :, s : s + 1])
+            t.scatter_(2, victim[..., None].expand(-1, -1, 1, t.shape[-1]), t[:, :, s : s + 1].clone())
         for name in ("scores", "positions", "valid"):
             t = getattr(self, name)
             if t is not None:
-                t.scatter_(2, victim, t[:, :, s : s + 1])
+                t.scatter_(2, victim, t[:, :, s : s + 1].clone())
         self.evicted += 1
 
     def _evict_to_budget(self) -> None:

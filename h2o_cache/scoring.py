@@ -7,7 +7,7 @@ sums are exact. A decode step is a single chunk of one query: one q.K^T, softmax
 
 Query heads are packed per KV head (GQA/MQA): the G query heads sharing a KV head become G x q rows of one matrix
 product against that head's keys, so keys are never repeated. The G heads' attention then combines into the KV
-head's score by ``mean`` (default) or ``max``.
+head's score by ``mean`` (default) or ``max``, per query, before summing over queries.
 """
 
 from __future__ import annotations
@@ -85,8 +85,7 @@ def attention_with_mass(
             probs5 = probs.view(bsz, hkv, groups, rows, visible)
             if query_valid is not None:
                 probs5 = probs5 * query_valid[:, None, None, start:end, None]
-            per_head = probs5.sum(dim=3)
-            mass[..., :visible] += per_head.mean(dim=2) if aggregation == "mean" else per_head.amax(dim=2)
+            mass[..., :visible] += _combine_heads(probs5, aggregation)
 
     if out is not None:
         out = out.view(bsz, hq, q_len, -1).transpose(1, 2).contiguous()
@@ -101,5 +100,14 @@ def mass_from_weights(
     probs = weights.float().view(bsz, num_kv_heads, hq // num_kv_heads, q_len, k_len)
     if query_valid is not None:
         probs = probs * query_valid[:, None, None, :, None]
-    per_head = probs.sum(dim=3)
-    return per_head.mean(dim=2) if aggregation == "mean" else per_head.amax(dim=2)
+    return _combine_heads(probs, aggregation)
+
+
+def _combine_heads(probs: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """``[B, Hkv, G, q, k]`` -> ``[B, Hkv, k]``: combine a group's heads per query, then sum over queries.
+
+    Per query, so that a prompt scored at once and the same tokens decoded one by one give the same scores.
+    """
+    if aggregation == "mean":
+        return probs.sum(dim=3).mean(dim=2)
+    return probs.amax(dim=2).sum(dim=2)

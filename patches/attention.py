@@ -31,7 +31,7 @@ def _model_eager(module) -> Callable:
 def _wrap(name: str, original: Callable | None) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         backend = original if original is not None else _model_eager(module)
-        layer = claim_pending(getattr(module, "layer_idx", None))
+        layer = claim_pending(getattr(module, "layer_idx", None), key)
         if layer is None:
             return backend(module, query, key, value, attention_mask, **kwargs)
         return h2o_attention(layer, backend, module, query, key, value, attention_mask, **kwargs)

@@ -1,0 +1,77 @@
+"""The chunked scoring path against materialised (eager-style) attention."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from h2o_cache import H2OCache
+from h2o_cache.scoring import attention_with_mass, chunk_size_for, mass_from_weights
+
+
+def eager_reference(q, k, v, scaling, key_valid=None):
+    """Plain attention with repeated KV heads; the last q keys are causal w.r.t. the queries."""
+    bsz, hq, q_len, _ = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    logits = (q @ kr.transpose(-1, -2)) * scaling
+    past = k_len - q_len
+    causal = torch.arange(k_len)[None, :] > (past + torch.arange(q_len))[:, None]
+    logits = logits.masked_fill(causal, float("-inf"))
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid.repeat_interleave(rep, 1)[:, :, None, :], float("-inf"))
+    probs = logits.softmax(-1)
+    return (probs @ vr).transpose(1, 2), probs
+
+
+@pytest.mark.parametrize("q_len, k_len, chunk", [(1, 9, None), (7, 7, 3), (5, 12, 2), (16, 16, 16), (16, 16, 1)])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
+def test_output_and_mass_match_eager(q_len, k_len, chunk, hq, hkv):
+    torch.manual_seed(0)
+    q = torch.randn(2, hq, q_len, 8)
+    k, v = torch.randn(2, hkv, k_len, 8), torch.randn(2, hkv, k_len, 8)
+    key_valid = torch.ones(2, hkv, k_len, dtype=torch.bool)
+    key_valid[1, :, 1] = False  # a padded key (every query still sees key 0)
+    out, mass = attention_with_mass(q, k, v, scaling=0.3, key_valid=key_valid, chunk_size=chunk)
+    ref_out, probs = eager_reference(q, k, v, 0.3, key_valid)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    expected = mass_from_weights(probs, hkv, None, "mean")
+    torch.testing.assert_close(mass, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(mass[1, :, 1] == 0)
+
+
+def test_max_aggregation_and_padding_queries():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    query_valid = torch.tensor([[False, False, True, True, True, True]])
+    _, mass = attention_with_mass(q, k, v, scaling=0.5, query_valid=query_valid, chunk_size=4, aggregation="max")
+    _, probs = eager_reference(q, k, v, 0.5)
+    expected = mass_from_weights(probs, 2, query_valid, "max")
+    torch.testing.assert_close(mass, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_chunk_size_bounds_the_block():
+    assert chunk_size_for(4, 9, 4096, 64 * 2**20) * 4 * 9 * 4096 * 4 <= 64 * 2**20
+    assert chunk_size_for(64, 64, 10**6, 1) == 1
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_scores_equal_eager_column_sums(tiny_llama, attn):
+    """The scores a prompt leaves in the cache are the column sums of the model's own causal softmax."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    tiny_llama.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = tiny_llama(ids, attention_mask=mask, past_key_values=DynamicCache(), output_attentions=True)
+    tiny_llama.set_attn_implementation(attn)
+    cache = H2OCache(tiny_llama.config, heavy_budget=100, recent_budget=100, prefill_chunk_size=5)
+    with torch.no_grad():
+        out = tiny_llama(ids, attention_mask=mask, past_key_values=cache)
+    real = mask.bool()  # outputs at padding positions are meaningless in every backend
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    for layer, weights in zip(cache.layers, ref.attentions):
+        expected = mass_from_weights(weights, 2, mask.bool(), "mean")
+        torch.testing.assert_close(layer.scores, expected, atol=1e-5, rtol=1e-5)
+        assert not layer.valid[0, :, :5].any() and layer.valid[0, :, 5:].all() and layer.valid[1].all()
