@@ -6,7 +6,9 @@
 
 - Prefill of an empty layer: the backend's own kernel computes the output, exactly as without H2O (the mask
   transformers built is complete there); the mass comes from the eager weights if the backend returned them,
-  else from the chunked recomputation in ``h2o_cache.scoring`` (no L x L matrix).
+  else from the chunked recomputation in ``h2o_cache.scoring`` (no L x L matrix). An unpadded sdpa prefill on
+  CPU calls sdpa's flash kernel directly to also get each query's log-sum-exp, which makes the recomputation
+  a matmul and an exp per chunk.
 - Every other step (decoding, chunked prefill, a continued conversation): stored tokens are per-head and
   non-contiguous, which transformers' single mask cannot describe, so output and mass come from one chunked pass
   that masks stored tokens with the layer's own validity and new tokens causally.
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from .cache import H2OLayer
-from .scoring import attention_with_mass, chunk_size_for, mass_from_weights
+from .scoring import attention_with_mass, causal_attention_with_lse, chunk_size_for, mass_from_lse, mass_from_weights
 from .support import check_attention_call
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -63,6 +65,7 @@ def new_token_validity(attention_mask: torch.Tensor | None, n_new: int) -> torch
 
 def h2o_attention(
     layer: H2OLayer,
+    backend_name: str,
     backend: AttentionFn,
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -93,7 +96,13 @@ def h2o_attention(
         aggregation=config.gqa_aggregation,
     )
 
-    if k_len == n_new and n_new > 1:
+    fast = None
+    if k_len == n_new and n_new > 1 and need_mass and attention_mask is None and backend_name == "sdpa":
+        fast = causal_attention_with_lse(query, key, value, scaling)
+    if fast is not None:
+        output, lse = fast
+        mass = mass_from_lse(query, key, lse, scaling=scaling, chunk_size=chunk, aggregation=config.gqa_aggregation)
+    elif k_len == n_new and n_new > 1:
         output, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         mass = None
         if need_mass and weights is not None:

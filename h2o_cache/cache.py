@@ -159,7 +159,10 @@ class H2OLayer(CacheLayerMixin):
         self.awaiting_attention = True
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers < 5.3 passes the queries' cache_position (a 1-D tensor) instead of their count.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[-1]
         stored = self.stored if self.is_initialized else 0
         return stored + query_length, self.seen - stored
 
@@ -168,6 +171,9 @@ class H2OLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    # The same method's name (abstract) in transformers < 5.3.
+    get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
         self.__init__(self.config, self.layer_idx)
@@ -246,6 +252,10 @@ class H2OLayer(CacheLayerMixin):
             prio = prio.masked_fill(~self.valid, -_POS_INF)
         # The newest token is always protected, even by a policy without a recent window.
         protected = positions >= self.seen - max(self.recent, 1)
+        if self.valid is not None:
+            # Left padding inside the recent window (a prompt shorter than it) stays evictable, so a padded row
+            # keeps exactly the real tokens the same sequence would keep alone.
+            protected &= self.valid
         return prio.masked_fill(protected, _POS_INF)
 
     def _evict_one(self) -> None:

