@@ -1,0 +1,88 @@
+"""Smoke tests of the throughput benchmark on a tiny random Llama (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from h2o_cache.eval import throughput
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _args(tmp_path, *extra):
+    parser = throughput.argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    return parser.parse_args(["--prompt-lens", "32", "--batches", "2", "--gen", "4", "--repeats", "1",
+                              "--bars-prompt", "32", "--bars-batch", "2", "--max-batch", "4",
+                              "--no-text-prompts", "--no-progress", "--bandwidth-mib", "8", "--out", str(tmp_path),
+                              *extra])
+
+
+def test_grid_outputs_and_skips(tiny, tmp_path):
+    model, folder = tiny
+    args = _args(tmp_path, "--caches", "dynamic,h2o,offloaded", "--budgets", "0.25", "--systems", "flexgen,flash2",
+                 "--same-memory-gib", "-1")
+    args.same_memory_gib = None
+    res = throughput.run_benchmark(args, model=model, model_path=folder)
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["roofline"]["bandwidth_gb_s"] > 0
+    ok = [r for r in data["grid"] if r["status"] == "ok"]
+    assert {r["cache"] for r in ok} == {"dynamic", "h2o"}
+    for r in ok:
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["e2e_tok_s"] > 0
+        assert r["kv_bytes"] > 0 and "roofline_frac" in r
+    h2o = next(r for r in ok if r["cache"] == "h2o" and r["budget_pct"] < 100)
+    dyn = next(r for r in ok if r["cache"] == "dynamic")
+    assert h2o["budget_tokens"] == 8 and h2o["kv_bytes"] < dyn["kv_bytes"]
+    offl = next(r for r in data["grid"] if r["cache"] == "offloaded")
+    assert offl["status"] == "skipped" and "CPU" in offl["reason"]
+    if not torch.cuda.is_available():
+        for r in data["baselines"]:
+            assert r["status"] == "skipped" and "needs CUDA" in r["reason"]
+    md = (tmp_path / "throughput.md").read_text()
+    assert "| system |" in md and "## Bars" in md and "Skipped" in md and "needs CUDA" in md
+    assert len(res["bars"]) == 7
+
+
+def test_same_memory_search_and_accelerate(tiny, tmp_path):
+    model, folder = tiny
+    args = _args(tmp_path, "--caches", "dynamic", "--systems", "accelerate", "--no-bars")
+    args.same_memory_gib = 1000.0  # everything fits: the search must stop at --max-batch
+    res = throughput.run_benchmark(args, model=model, model_path=folder)
+    sm = res["same_memory"]
+    assert sm["dynamic_max_batch"] == 4 and sm["h2o_max_batch"] == 4 and sm["h2o_hit_search_cap"]
+    assert sm["runs"]["h2o"]["status"] == "ok"
+    acc = res["baselines"][0]
+    assert acc["status"] == "ok", acc
+    assert acc["offload"]["offloaded_layers"] == 1
+
+
+def test_largest_batch():
+    assert throughput.largest_batch(lambda b: b <= 11, 4, 64) == 11
+    assert throughput.largest_batch(lambda b: b <= 2, 4, 64) == 2
+    assert throughput.largest_batch(lambda b: False, 4, 64) == 0
+    assert throughput.largest_batch(lambda b: True, 4, 64) == 64
+
+
+def test_cli_help_lists_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    p = throughput.register_cli(sub)
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
