@@ -1,0 +1,162 @@
+"""``H2OLM``: lm-eval's ``HFLM`` with the KV cache compressed by a policy of ``H2OCache`` (or the full cache).
+
+lm-eval scores loglikelihood / multiple-choice requests with ONE forward over context + continuation and no cache,
+so no eviction could ever happen. ``H2OLM`` scores them the way a compressed cache would see them instead:
+
+1. prefill ``context[:-1]`` through the cache (it evicts down to the budget at the end of the prefill);
+2. feed ``context[-1]`` and then the continuation ONE TOKEN AT A TIME; each step's logits score the next token.
+
+Every scored token is therefore predicted through the compressed cache (decode-time eviction included). Requests
+that share a context (the choices of a multiple-choice item) share one prefill: the cache is deep-copied per
+continuation. The budget is a fraction of ``len(context) + len(longest continuation)``, i.e. of every token the
+model sees for the item, so at 100% nothing is evicted and the scores equal plain HFLM's (tested).
+
+``generate_until`` requests go through ``model.generate(cache_implementation="h2o")`` with a budget that is a
+fraction of the prompt length. ``policy="full"`` leaves HFLM's own code paths untouched.
+
+The wrapper does not care which task it serves: the project's local tasks (``eval/tasks``) and standard lm-eval
+tasks run the same way; standard tasks need their datasets available locally (see docs/benchmarks/quality.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from .lm_eval_tasks import LOCAL_TASKS, TASK_DIR
+from .quality import ALL_POLICIES, FULL, cache_options, check_budgets, make_cache
+
+logger = logging.getLogger(__name__)
+
+
+class H2OLM(HFLM):
+    """``HFLM`` whose every request runs through a compressed KV cache (see the module docstring).
+
+    Args:
+        pretrained / tokenizer: a loaded causal LM and its tokenizer (always pass the tokenizer).
+        policy: ``full`` or an ``H2OCache`` policy.
+        budget: total KV budget as a fraction in (0, 1].
+        h2o_options: extra ``H2OConfig`` fields (``gqa_aggregation``, ``score_normalization``, ...).
+        **kwargs: passed to ``HFLM`` (``batch_size`` applies to ``policy="full"`` and to generation).
+    """
+
+    def __init__(self, pretrained: Any, tokenizer: Any, *, policy: str = "h2o", budget: float = 0.2,
+                 h2o_options: dict[str, Any] | None = None, **kwargs: Any):
+        if policy not in ALL_POLICIES:
+            raise ValueError(f"policy={policy!r} is not supported; choose one of {list(ALL_POLICIES)}")
+        check_budgets([budget])
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
+        self.policy, self.budget, self.h2o_options = policy, float(budget), dict(h2o_options or {})
+
+    # ---- loglikelihood / multiple choice ------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.policy == FULL:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        # Group by context so the choices of one item share a prefill (and the same budget).
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context_enc, _) in enumerate(requests):
+            groups.setdefault(tuple(context_enc), []).append(i)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                    desc=f"loglikelihood ({self.policy}@{self.budget:.0%})")
+        for context, indices in groups.items():
+            continuations = [list(requests[i][2]) for i in indices]
+            for i, answer in zip(indices, self._score_group(list(context), continuations), strict=True):
+                results[i] = answer
+                request_str = requests[i][0]
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                pbar.update(1)
+        pbar.close()
+        return results
+
+    @torch.inference_mode()
+    def _score_group(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        longest = max(len(c) for c in continuations)
+        if longest > self.max_length:
+            raise ValueError(f"a continuation of {longest} tokens exceeds max_length={self.max_length}")
+        # Same left truncation as HFLM: the model sees at most max_length tokens.
+        context = context[-(self.max_length + 1 - longest):]
+        cache = make_cache(self.model, self.policy, self.budget, len(context) + longest, **self.h2o_options)
+        if len(context) > 1:
+            self.model(input_ids=torch.tensor([context[:-1]], device=self.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        answers = []
+        for n, cont in enumerate(continuations):
+            # The last continuation may consume the prefilled cache itself.
+            step_cache = cache if n == len(continuations) - 1 else copy.deepcopy(cache)
+            feed = [context[-1]] + cont[:-1]
+            logprob, greedy = 0.0, True
+            for token, target in zip(feed, cont, strict=True):
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=step_cache,
+                                 use_cache=True)
+                logprobs = torch.log_softmax(out.logits[0, -1].to(self.softmax_dtype), dim=-1)
+                logprob += float(logprobs[target])
+                greedy = greedy and int(logprobs.argmax()) == target
+            answers.append((logprob, greedy))
+        return answers
+
+    # ---- generate_until -------------------------------------------------------------------------------------------
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        if self.policy != FULL:
+            generation_kwargs["cache_implementation"] = "h2o"
+            generation_kwargs["cache_config"] = cache_options(self.policy, self.budget, context.shape[1],
+                                                              **self.h2o_options)
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def task_dir(source: str = str(TASK_DIR)) -> str:
+    """A folder with the local task YAMLs whose ``{TASK_DIR}`` placeholder points at ``source``.
+
+    lm-eval resolves ``data_files`` against the working directory, so the shipped YAMLs name their data with a
+    placeholder that is filled with the installed package's absolute path here.
+    """
+    src = Path(source)
+    out = Path(tempfile.mkdtemp(prefix="h2o_lm_eval_tasks_"))
+    for yaml in src.glob("*.yaml"):
+        (out / yaml.name).write_text(yaml.read_text().replace("{TASK_DIR}", str(src.resolve())))
+    return str(out)
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None = None) -> Any:
+    """A ``TaskManager`` that knows the local tasks (building one indexes every lm-eval task: done once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path or task_dir())
+
+
+def _flatten(results: dict[str, Any]) -> dict[str, float]:
+    """``{"task/metric": value}`` from ``simple_evaluate``'s results, stderr and aliases dropped."""
+    flat = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if "stderr" in key or key == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}[{filt}]"
+            flat[f"{task}/{name}"] = float(value)
+    return flat
+
+
+def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = None, policy: str = "h2o",
+                budget: float = 0.2, limit: int | float | None = None, h2o_options: dict[str, Any] | None = None,
+                include_path: str | None = None, batch_size: int = 1, raw: bool = False) -> Any:
+    """``lm_eval.simple_evaluate`` through ``H2OLM``; returns ``{"task/metric": value}`` (or the raw results)."""
+    import lm_eval
+
+    lm = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=budget, h2o_options=h2o_options,
+               batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks or LOCAL_TASKS), task_manager=task_manager(include_path),
+                                  limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    return out if raw else _flatten(out)

@@ -1,0 +1,171 @@
+"""Smoke tests of the quality evaluation (perplexity, retrieval, lm-eval wrapper) on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from h2o_cache.eval import quality
+from h2o_cache.eval.lm_eval_tasks import LOCAL_TASKS, write_tasks
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (GQA) with a byte-level tokenizer built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "\n": 10})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(max_position_embeddings=2048)).eval()
+    return model, tokenizer
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 30)
+
+
+def test_validation_names_the_parameter():
+    with pytest.raises(ValueError, match="policies"):
+        quality.check_policies(["lru"])
+    with pytest.raises(ValueError, match="budgets"):
+        quality.check_budgets([0.0])
+    with pytest.raises(ValueError, match="budgets"):
+        quality.check_budgets([1.5])
+    with pytest.raises(ValueError, match="tasks"):
+        quality.evaluate(None, None, tasks=["mmlu"], text=TEXT)
+    assert quality.budget_tokens(0.2, 100) == (10, 10)
+    assert sum(quality.budget_tokens(0.05, 10)) == 2  # never below 2 slots
+    assert quality.configurations(["full", "h2o"], [0.1, 0.5]) == [("full", 1.0), ("h2o", 0.1), ("h2o", 0.5)]
+
+
+def test_perplexity_smoke_and_full_budget_equals_full(tiny):
+    model, tokenizer = tiny
+    configs = [("full", 1.0), ("h2o", 1.0), ("h2o", 0.2), ("local", 0.2), ("streaming", 0.2), ("random", 0.2),
+               ("h2o_no_recent", 0.2)]
+    rows = quality.run_perplexity(model, tokenizer, TEXT, configs, prompt_len=64, gen_len=12, windows=2,
+                                  progress=False)
+    assert [(r["policy"], r["budget"]) for r in rows] == configs
+    assert all(math.isfinite(r["perplexity"]) and r["tokens"] == 24 for r in rows)
+    # The budget covers the prompt and the first decode steps only partly: at 100% of the prompt nothing is
+    # evicted during the prefill, so the prefill part must match; the decode part evicts (recent window).
+    assert rows[0]["budget_tokens"] == 64 and rows[2]["budget_tokens"] == 13
+
+
+def test_streaming_nll_without_eviction_matches_one_forward(tiny):
+    model, tokenizer = tiny
+    windows = quality.text_windows(quality.token_stream(tokenizer, TEXT), 2, 40)
+    from h2o_cache import H2OCache
+
+    cache = H2OCache(model.config, heavy_budget=40, recent_budget=40)  # larger than everything fed
+    nll, n = quality.streaming_nll(model, windows, 20, cache)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, 20:-1].float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 21:].reshape(-1),
+                                            reduction="sum").item()
+    assert n == 2 * 19
+    assert nll == pytest.approx(ref, rel=1e-4)
+
+
+def test_retrieval_smoke(tiny):
+    model, tokenizer = tiny
+    rows = quality.run_retrieval(model, tokenizer, TEXT * 3, [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
+                                 lengths=(200,), depths=(0.0, 1.0), samples=1, progress=False)
+    assert [r["cases"] for r in rows] == [2, 2, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and set(r["cells"]) == {"len200_depth0", "len200_depth1"} for r in rows)
+    cases = quality.passkey_cases(tokenizer, quality.token_stream(tokenizer, TEXT * 3), [200], [0.5], 2)
+    assert all(len(c["input_ids"]) == 200 and c["key"] in tokenizer.decode(c["input_ids"]) for c in cases)
+
+
+def test_report_and_bars(tiny, tmp_path):
+    model, tokenizer = tiny
+    results = quality.evaluate(model, tokenizer, tasks=["perplexity", "retrieval"],
+                               policies=["full", "h2o", "local", "streaming", "random"], budgets=[0.2, 0.5],
+                               text=TEXT * 3, prompt_len=48, gen_len=4, windows=1, retrieval_lengths=[200],
+                               retrieval_depths=[0.5], retrieval_samples=1, progress=False)
+    paths = quality.write_report(results, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert len(data["rows"]) == 2 * 9
+    assert any(b["bar"].startswith("perplexity: h2o @ 20% within") for b in data["bars"])
+    md = paths["md"].read_text()
+    assert "| policy | 20% | 50% |" in md and "## bars" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "retrieval.png").stat().st_size > 0
+
+
+def test_task_builder_is_reproducible(tmp_path):
+    from h2o_cache.models import reference_text
+
+    a = write_tasks(tmp_path / "a", text=reference_text(), docs=5, seed=3)
+    b = write_tasks(tmp_path / "b", text=reference_text(), docs=5, seed=3)
+    for pa, pb in zip(a, b, strict=True):
+        assert pa.read_text() == pb.read_text()
+    mc = [json.loads(x) for x in (tmp_path / "a" / "h2o_mc.jsonl").read_text().splitlines()]
+    assert len(mc) == 5 and all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in mc)
+    cloze = [json.loads(x) for x in (tmp_path / "a" / "h2o_cloze.jsonl").read_text().splitlines()]
+    assert all(d["target"].strip() in d["context"] for d in cloze)  # the answer is recoverable from context
+
+
+# ---- lm-eval ------------------------------------------------------------------------------------------------------
+def test_lm_eval_wrapper_runs_local_tasks(tiny):
+    pytest.importorskip("lm_eval")
+    from h2o_cache.eval.lm_eval_model import run_lm_eval
+
+    model, tokenizer = tiny
+    metrics = run_lm_eval(model, tokenizer, tasks=list(LOCAL_TASKS), policy="h2o", budget=0.2, limit=2)
+    assert {"h2o_cloze/acc", "h2o_mc/acc", "h2o_passkey/exact_match[first_number]"} <= set(metrics)
+    full = run_lm_eval(model, tokenizer, tasks=["h2o_mc"], policy="full", budget=1.0, limit=2)
+    assert "h2o_mc/acc_norm" in full
+
+
+@pytest.mark.parametrize("policy", ["h2o", "local"])
+def test_lm_eval_full_budget_equals_plain_hflm(tiny, policy):
+    pytest.importorskip("lm_eval")
+    from h2o_cache.eval.lm_eval_model import H2OLM
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny
+    pairs = [("The quick brown fox jumps over the lazy", " dog."), ("The quick brown fox jumps over the lazy", " cat"),
+             ("Pack my box with five", " dozen liquor jugs."), ("x", "y")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(requests, disable_tqdm=True)
+    ours = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=1.0).loglikelihood(
+        requests, disable_tqdm=True)
+    for (lp_a, g_a), (lp_b, g_b) in zip(plain, ours, strict=True):
+        assert lp_b == pytest.approx(lp_a, abs=1e-4, rel=1e-5)
+        assert g_a == g_b
+    # A small budget really evicts: the scores change.
+    small = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=0.1).loglikelihood(
+        requests[:1], disable_tqdm=True)
+    assert small[0][0] != pytest.approx(plain[0][0], abs=1e-4)
+
+
+def test_lm_eval_rejects_bad_options(tiny):
+    pytest.importorskip("lm_eval")
+    from h2o_cache.eval.lm_eval_model import H2OLM
+
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="policy"):
+        H2OLM(pretrained=model, tokenizer=tokenizer, policy="lru")
+    with pytest.raises(ValueError, match="budgets"):
+        H2OLM(pretrained=model, tokenizer=tokenizer, budget=0)
+
+
+@pytest.mark.integration
+def test_embedded_model_h2o_vs_local(smollm):
+    """On the real model, a quick look: H2O's streaming perplexity at 20% is no worse than local's."""
+    model, tokenizer = smollm
+    rows = quality.run_perplexity(model, tokenizer, quality.load_text(), [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
+                                  prompt_len=256, gen_len=16, windows=1, progress=False)
+    full, h2o, local = (r["perplexity"] for r in rows)
+    assert h2o <= local * 1.05
+    assert full < 100
