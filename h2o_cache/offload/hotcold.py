@@ -13,6 +13,7 @@ but copies them to the GPU at every forward.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,7 +259,7 @@ def set_mode(model: nn.Module, mode: str, thresholds: list[float] | None = None)
 
 def dispatch(
     model: nn.Module,
-    plan: PlacementPlan,
+    plan: PlacementPlan | str | os.PathLike,
     *,
     max_memory: dict[int | str, int | str] | None = None,
     device_map: dict[str, Any] | str | None = None,
@@ -268,7 +269,7 @@ def dispatch(
     """Split every FFN by ``plan`` and place the model with Accelerate; returns ``model`` (changed in place).
 
     Args:
-        plan: a :class:`PlacementPlan` for this model (same layers, neurons and dtype).
+        plan: a :class:`PlacementPlan` for this model (same layers, neurons and dtype), or the path of a saved one.
         max_memory: per-device budget passed to ``infer_auto_device_map`` (e.g. ``{0: "2GiB", "cpu": "20GiB"}``);
             the hot neuron parameters count against it, the cold CPU tensors do not.
         device_map: an explicit map (or ``"auto"``) instead of ``max_memory``; with neither, everything goes to
@@ -278,6 +279,8 @@ def dispatch(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if not isinstance(plan, PlacementPlan):
+        plan = PlacementPlan.load(plan)
     if device_map is not None and max_memory is not None and device_map != "auto":
         raise ValueError("pass device_map or max_memory, not both (max_memory is only used to infer a map)")
     if mode == "sparse" and thresholds is None:

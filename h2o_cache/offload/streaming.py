@@ -32,26 +32,34 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
 
 
-def read_safetensors(path: str | os.PathLike, *, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Read a safetensors file with one read into one (optionally pinned) buffer; tensors are views into it."""
-    with open(path, "rb", buffering=0) as f:
+def _layout(path: str | os.PathLike) -> tuple[int, int, list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """``(data offset, data bytes, [(name, dtype, shape, start, end)])`` of a safetensors file."""
+    with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
         size = os.fstat(f.fileno()).st_size - 8 - header_len
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-        view = memoryview(buf.numpy()).cast("B")
+    header.pop("__metadata__", None)
+    entries = [(name, _ST_DTYPES[info["dtype"]], info["shape"], *info["data_offsets"]) for name, info in header.items()]
+    return 8 + header_len, size, entries
+
+
+def _read_into(path, offset: int, size: int, buf: torch.Tensor, entries) -> dict[str, torch.Tensor]:
+    view = memoryview(buf.numpy()).cast("B")[:size]
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
         got = 0
         while got < size:
-            n = f.readinto(view[got:])
+            n = f.readinto(view[got:])  # releases the GIL while the kernel copies
             if not n:
                 raise OSError(f"{path}: file ended after {got} of {size} data bytes")
             got += n
-    out = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        out[name] = buf[start:end].view(_ST_DTYPES[info["dtype"]]).view(info["shape"])
-    return out
+    return {name: buf[start:end].view(dtype).view(shape) for name, dtype, shape, start, end in entries}
+
+
+def read_safetensors(path: str | os.PathLike, *, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Read a safetensors file with one read into one (optionally pinned) buffer; tensors are views into it."""
+    offset, size, entries = _layout(path)
+    return _read_into(path, offset, size, torch.empty(size, dtype=torch.uint8, pin_memory=pin), entries)
 
 
 @dataclass
@@ -82,12 +90,18 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2o-layer-prefetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._handles = []
+        self._layouts: dict[int, tuple[int, int, list]] = {}
+        # Two reusable host buffers (ping-pong): the layer being computed reads one while the next is read into
+        # the other, and no fresh pages have to be faulted in and zeroed at every load.
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
         self._next = {a: b for a, b in zip(layer_ids, layer_ids[1:] + layer_ids[:1], strict=True)}
         for i in layer_ids:
             layer = self.layers[i]
             state = {k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict(keep_vars=True).items()}
             if offload_dir is not None:
                 save_file(state, str(self._file(i)))
+                self._layouts[i] = _layout(self._file(i))
             else:
                 self._cpu[i] = {k: (v.pin_memory() if self._pin else v) for k, v in state.items()}
             layer.to("meta")
@@ -98,8 +112,19 @@ class LayerStreamer:
         assert self.offload_dir is not None
         return self.offload_dir / f"layer_{i:03d}.safetensors"
 
+    def _host(self, i: int) -> dict[str, torch.Tensor]:
+        if self.offload_dir is None:
+            return self._cpu[i]
+        offset, size, entries = self._layouts[i]
+        if not self._buffers:
+            biggest = max(lay[1] for lay in self._layouts.values())
+            self._buffers = [torch.empty(biggest, dtype=torch.uint8, pin_memory=self._pin) for _ in range(2)]
+        buf = self._buffers[self._turn]
+        self._turn ^= 1
+        return _read_into(self._file(i), offset, size, buf, entries)
+
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        host = read_safetensors(self._file(i), pin=self._pin) if self.offload_dir is not None else self._cpu[i]
+        host = self._host(i)
         if self.device.type == "cpu":
             # From RAM, "loading" to the CPU is a no-op; from disk the read above was the load.
             return host
@@ -108,6 +133,8 @@ class LayerStreamer:
                 out = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             event = torch.cuda.Event()
             event.record(self._stream)
+            if self.offload_dir is not None:
+                event.synchronize()  # the host buffer is reused two loads later: the copy must be done by then
             return {"__event__": event, **out}  # type: ignore[dict-item]
         return {k: v.to(self.device) for k, v in host.items()}
 
@@ -120,7 +147,12 @@ class LayerStreamer:
             tensors = self._load(i)
         event = tensors.pop("__event__", None)
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(event)
+            for t in tensors.values():
+                # Allocated on the copy stream but read on the main one: without this the allocator could hand the
+                # memory to a later prefetch while the main stream's kernels still read it.
+                t.record_stream(main)
         self.layers[i].load_state_dict(tensors, assign=True, strict=True)
         self.stats.loads += 1
         if self.prefetch:
@@ -140,7 +172,7 @@ class LayerStreamer:
         self._pending.clear()
         self._pool.shutdown()
         for i in self.layer_ids:
-            tensors = self._load(i)
+            tensors = self._load(i)  # cloned below: the ping-pong buffers are reused
             tensors.pop("__event__", None)
             if self._stream is not None:
                 self._stream.synchronize()
