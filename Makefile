@@ -39,7 +39,7 @@ LOW_TF     ?= transformers==5.2.*
 LOW_TESTS  := tests/test_config.py tests/test_scoring.py tests/test_cache.py tests/test_families.py tests/test_workloads.py
 
 $(LOW)/.installed: $(STAMP)
-	@test -x $(LOW)/bin/python || python3 -m venv $(LOW)
+	@test -x $(LOW)/bin/python || python3 -m venv --system-site-packages $(LOW)
 	$(PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
 	  > "$$($(LOW)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/h2o_main_venv.pth"
 	$(LOW)/bin/python -m pip install -q "$(LOW_TF)"

@@ -32,6 +32,8 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
+from h2o_cache.compat import cache_kwargs
+
 from .lm_eval_tasks import LOCAL_TASKS, TASK_DIR
 from .quality import ALL_POLICIES, FULL, cache_options, check_budgets, make_cache
 
@@ -88,7 +90,7 @@ class H2OLM(HFLM):
         context = context[-(self.max_length + 1 - longest):]
         cache = make_cache(self.model, self.policy, self.budget, len(context) + longest, **self.h2o_options)
         if len(context) > 1:
-            self.model(input_ids=torch.tensor([context[:-1]], device=self.device), past_key_values=cache,
+            self.model(input_ids=torch.tensor([context[:-1]], device=self.device), **cache_kwargs(cache),
                        use_cache=True, logits_to_keep=1)
         answers = []
         for n, cont in enumerate(continuations):
@@ -97,7 +99,7 @@ class H2OLM(HFLM):
             feed = [context[-1]] + cont[:-1]
             logprob, greedy = 0.0, True
             for token, target in zip(feed, cont, strict=True):
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=step_cache,
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), **cache_kwargs(step_cache),
                                  use_cache=True)
                 logprobs = torch.log_softmax(out.logits[0, -1].to(self.softmax_dtype), dim=-1)
                 logprob += float(logprobs[target])

@@ -19,6 +19,7 @@ import time
 import torch
 
 from h2o_cache import offload
+from h2o_cache.compat import cache_kwargs, output_cache
 from h2o_cache.models import load_model, reference_text
 
 
@@ -63,13 +64,13 @@ def decode(model, prompt, new_tokens):
     timer = FFNTimer(ffn_modules(model))
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
         toks = [tok]
         timer.total = 0.0
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, **cache_kwargs(past), use_cache=True)
+            past, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
             toks.append(tok)
         dt = time.perf_counter() - t0
     timer.remove()

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from h2o_cache.cache import H2OCache
+from h2o_cache.compat import cache_kwargs
 from h2o_cache.config import GQA_AGGREGATIONS, POLICIES, SCORE_NORMALIZATIONS
 
 from . import report
@@ -137,11 +138,11 @@ def streaming_nll(model: Any, windows: torch.Tensor, prompt_len: int, cache: Any
     if not 0 < prompt_len < windows.shape[1] - 1:
         raise ValueError(f"prompt_len must be in (0, {windows.shape[1] - 1}), got {prompt_len}")
     windows = windows.to(model.device)
-    model(input_ids=windows[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=windows[:, :prompt_len], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     total, count = 0.0, 0
     steps = range(prompt_len, windows.shape[1] - 1)
     for i in tqdm(steps, desc="decode", leave=False, disable=not progress):
-        out = model(input_ids=windows[:, i : i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=windows[:, i : i + 1], **cache_kwargs(cache), use_cache=True)
         logits = out.logits[:, -1].float()
         total += torch.nn.functional.cross_entropy(logits, windows[:, i + 1], reduction="sum").item()
         count += windows.shape[0]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import logging
 import math
 import os
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from h2o_cache.compat import cache_kwargs, output_cache
 
 from .report import line_plot, markdown_table, write_json
 
@@ -173,19 +174,19 @@ def _generate_timed(model: Any, ids: torch.Tensor, cache: Any, gen: int) -> dict
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     sync()
     t1 = time.perf_counter()
     steps = []
     for _ in range(gen - 1):  # EOS ignored: exactly `gen` new tokens
         s0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, **cache_kwargs(output_cache(out)), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         steps.append(time.perf_counter() - s0)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "cache": out.past_key_values}
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "cache": output_cache(out)}
 
 
 def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, budget: float | None = None,

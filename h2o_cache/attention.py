@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from .cache import H2OLayer
-from .scoring import attention_with_mass, causal_attention_with_lse, chunk_size_for, mass_from_lse, mass_from_weights
+from .scoring import (
+    attention_with_mass,
+    causal_attention_with_lse,
+    chunk_size_for,
+    mass_from_lse,
+    mass_from_weights,
+)
 from .support import check_attention_call
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]

@@ -114,9 +114,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict]) -> None:
     columns = list(rows[0])
     widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def build_parser() -> argparse.ArgumentParser:

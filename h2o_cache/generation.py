@@ -10,6 +10,7 @@ from typing import Any
 from transformers.generation.configuration_utils import GenerationMode
 
 from .cache import H2OCache
+from .compat import CACHE_ARG
 from .config import H2OConfig
 from .support import SUPPORTED_ATTENTION
 
@@ -38,14 +39,14 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
 
     Returns True when it created the cache (so transformers' own preparation must be skipped).
     """
-    user_cache = model_kwargs.get("past_key_values")
+    user_cache = model_kwargs.get(CACHE_ARG)
     wants_h2o = generation_config.cache_implementation == H2O_CACHE_IMPLEMENTATION
     if not wants_h2o and not isinstance(user_cache, H2OCache):
         return False
     if wants_h2o and user_cache is not None:
         raise ValueError(
-            "cache_implementation='h2o' builds its own cache: do not also pass past_key_values "
-            "(pass an H2OCache as past_key_values without cache_implementation instead)"
+            f"cache_implementation='h2o' builds its own cache: do not also pass {CACHE_ARG} "
+            f"(pass an H2OCache as {CACHE_ARG} without cache_implementation instead)"
         )
     if wants_h2o and generation_config.use_cache is False:
         raise ValueError("cache_implementation='h2o' needs use_cache=True")
@@ -67,5 +68,5 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
     if not wants_h2o:
         return False  # transformers' own path marks the user's cache as user-defined
     options = generation_config.cache_config
-    model_kwargs["past_key_values"] = H2OCache(model.config, H2OConfig.from_dict(options))
+    model_kwargs[CACHE_ARG] = H2OCache(model.config, H2OConfig.from_dict(options))
     return True

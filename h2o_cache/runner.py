@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .cache import H2OCache
+from .compat import cache_kwargs
 from .config import H2OConfig
 
 
@@ -81,7 +82,7 @@ def timed_generate(
         sequences = model.generate(
             input_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             logits_processor=LogitsProcessorList([clock]),

@@ -53,8 +53,8 @@ def naive_h2o(q, k, v, prompt, heavy, recent, scaling):
                         head = h * groups + g
                         logits = torch.stack([q[b, head, i] @ k[b, h, p] for p in visible]) * scaling
                         probs = logits.softmax(0)
-                        out[b, i, head] = sum(pr * v[b, h, p] for pr, p in zip(probs, visible))
-                        for pr, p in zip(probs, visible):
+                        out[b, i, head] = sum(pr * v[b, h, p] for pr, p in zip(probs, visible, strict=True))
+                        for pr, p in zip(probs, visible, strict=True):
                             scores[p] += pr.item() / groups
                 seen = step[-1] + 1
                 if len(held) > budget:
@@ -176,7 +176,7 @@ def test_full_budget_is_exact(tiny_llama, attn):
     ref = greedy(tiny_llama, ids, past_key_values=DynamicCache())
     out = greedy(tiny_llama, ids, past_key_values=H2OCache(tiny_llama.config, heavy_budget=40, recent_budget=40))
     assert torch.equal(ref.sequences, out.sequences)
-    for a, b in zip(ref.logits, out.logits):
+    for a, b in zip(ref.logits, out.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -197,7 +197,7 @@ def test_cache_implementation_string(tiny_llama):
     out = greedy(tiny_llama, ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.2, "recent_ratio": 0.2})
     assert isinstance(out.past_key_values, H2OCache)
     assert out.past_key_values.tokens_kept() == 20
-    with pytest.raises(ValueError, match="do not also pass past_key_values"):
+    with pytest.raises(ValueError, match="do not also pass (past_key_values|cache)"):
         greedy(tiny_llama, ids, cache_implementation="h2o", past_key_values=H2OCache(tiny_llama.config))
     with pytest.raises(ValueError, match="unknown option"):
         greedy(tiny_llama, ids, cache_implementation="h2o", cache_config={"budget": 3})

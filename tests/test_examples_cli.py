@@ -66,7 +66,7 @@ def test_smollm_full_budget_exact_and_20_percent_evicts(smollm):
         small = model.generate(ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.1, "recent_ratio": 0.1},
                                **kwargs)
     assert torch.equal(ref.sequences, full.sequences)
-    for a, b in zip(ref.logits, full.logits):
+    for a, b in zip(ref.logits, full.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     cache = small.past_key_values
     assert cache.tokens_kept() == 60 and cache.get_seq_length() == 307

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
 from h2o_cache.eval import quality
 from h2o_cache.eval.lm_eval_tasks import LOCAL_TASKS, write_tasks
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +130,10 @@ def test_lm_eval_wrapper_runs_local_tasks(tiny):
 @pytest.mark.parametrize("policy", ["h2o", "local"])
 def test_lm_eval_full_budget_equals_plain_hflm(tiny, policy):
     pytest.importorskip("lm_eval")
-    from h2o_cache.eval.lm_eval_model import H2OLM
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
+
+    from h2o_cache.eval.lm_eval_model import H2OLM
 
     model, tokenizer = tiny
     pairs = [("The quick brown fox jumps over the lazy", " dog."), ("The quick brown fox jumps over the lazy", " cat"),

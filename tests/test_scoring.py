@@ -82,7 +82,7 @@ def test_prefill_scores_equal_eager_column_sums(tiny_llama, attn, padded):
         out = tiny_llama(ids, attention_mask=mask, past_key_values=cache)
     real = mask.bool()  # outputs at padding positions are meaningless in every backend
     torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
-    for layer, weights in zip(cache.layers, ref.attentions):
+    for layer, weights in zip(cache.layers, ref.attentions, strict=True):
         expected = mass_from_weights(weights, 2, mask.bool(), "mean")
         torch.testing.assert_close(layer.scores, expected, atol=1e-5, rtol=1e-5)
         if padded:
