@@ -13,6 +13,11 @@ SCORE_NORMALIZATIONS = ("none", "age")
 DEFAULT_HEAVY_RATIO = 0.1
 DEFAULT_RECENT_RATIO = 0.1
 
+# A prompt is scored in query chunks whose logits and probabilities should stay in the CPU's cache between the few
+# ops that touch them: on the development machine (2 MiB of L2 per core) blocks of 4-9 MiB ran 1.3-1.7x faster
+# than blocks of 18-72 MiB, at every batch and prompt length measured.
+DEFAULT_PREFILL_CHUNK_BYTES = 8 * 2**20
+
 
 @dataclass(frozen=True)
 class H2OConfig:
@@ -36,7 +41,8 @@ class H2OConfig:
             of queries that have seen the token, so old tokens are not favoured merely for being old).
         prefill_chunk_size: queries per chunk when scoring a prompt; ``None`` picks it from
             ``prefill_chunk_bytes``. Peak scoring memory is O(prompt length x chunk).
-        prefill_chunk_bytes: target size of one chunk's attention block when ``prefill_chunk_size`` is None.
+        prefill_chunk_bytes: the most bytes one chunk's float32 attention block may take when
+            ``prefill_chunk_size`` is None (default 8 MiB, sized to stay in the CPU's cache).
         seed: seed of the ``random`` policy.
     """
 
@@ -49,7 +55,7 @@ class H2OConfig:
     gqa_aggregation: str = "mean"
     score_normalization: str = "none"
     prefill_chunk_size: int | None = None
-    prefill_chunk_bytes: int = 64 * 2**20
+    prefill_chunk_bytes: int = DEFAULT_PREFILL_CHUNK_BYTES
     seed: int = 0
 
     def __post_init__(self) -> None:
