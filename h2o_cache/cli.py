@@ -61,8 +61,9 @@ def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: i
     source.add_argument("--prompt", default=None, help="prompt text")
     source.add_argument("--prompt-file", default=None, help="file whose text is the prompt")
     parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens,
-                        help="without --prompt/--prompt-file: the first N tokens of the Python reference text "
-                             "(pydoc_data.topics) (default: %(default)s)")
+                        help="without --prompt/--prompt-file: about N tokens of the Python reference "
+                             "(pydoc_data.topics), the section on `try` first, then a question about it, so the "
+                             "answer needs the start of the context (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=new_tokens,
                         help="tokens to generate, EOS ignored (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt in one batch")
@@ -74,7 +75,7 @@ def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: i
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import load_model, reference_text
+    from .models import load_model, reference_prompt
     from .runner import timed_generate
 
     if args.threads:
@@ -89,8 +90,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
         ids = tokenizer(text, return_tensors="pt").input_ids
     else:
-        ids = tokenizer(reference_text()[: args.prompt_tokens * 8], return_tensors="pt").input_ids
-        ids = ids[:, : args.prompt_tokens]
+        ids = reference_prompt(tokenizer, args.prompt_tokens)
     ids = ids.repeat(args.batch_size, 1).to(args.device)
 
     results = []
@@ -98,7 +98,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         results.append(timed_generate(model, ids, None, None, args.max_new_tokens, label="full (DynamicCache)"))
     results.append(timed_generate(model, ids, None, h2o, args.max_new_tokens, label=f"H2O ({h2o.policy})"))
 
-    print(f"prompt: {ids.shape[1]} tokens x batch {ids.shape[0]}; {args.max_new_tokens} new tokens, greedy\n")
+    source = "your prompt" if args.prompt is not None or args.prompt_file is not None else (
+        "the Python reference, `try` section first, then: Explain in two sentences what the `try` statement does.")
+    print(f"prompt: {ids.shape[1]} tokens x batch {ids.shape[0]} ({source})")
+    print(f"{args.max_new_tokens} new tokens, greedy\n")
     for result in results:
         continuation = tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True)
         print(f"--- {result.label} ---\n{continuation.strip()}\n")
@@ -129,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate_parser(subparsers, "generate", "generate with the H2O cache (and the full cache to compare)",
                          prompt_tokens=1024, new_tokens=64)
-    _add_generate_parser(subparsers, "demo", "the main job: a 2048-token prompt from the Python reference, full "
-                         "cache vs H2O at a 20%% budget, outputs, KV bytes and tokens/s side by side",
+    _add_generate_parser(subparsers, "demo", "the main job: a 2048-token question about the Python reference, "
+                         "full cache vs H2O at a 20%% budget, outputs, KV bytes and tokens/s side by side",
                          prompt_tokens=2048, new_tokens=64)
     for register in _tool_registrars():
         register(subparsers)

@@ -131,3 +131,32 @@ def reference_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def reference_prompt(tokenizer, prompt_tokens: int, topic: str = "try") -> torch.Tensor:
+    """``[1, ~prompt_tokens]`` ids: a question about one Python reference topic, asked after a long document.
+
+    The document starts with ``topic``'s reference section and is filled with other sections up to the length;
+    the question comes last, so its answer needs the beginning of the context: what a KV cache must keep. The
+    tokenizer's chat template is used when it has one (SmolLM2-Instruct does).
+    """
+    from pydoc_data.topics import topics
+
+    if topic not in topics:
+        raise ValueError(f"topic={topic!r} is not a pydoc_data topic; choose one of {sorted(topics)}")
+    question = f"Explain in two sentences what the `{topic}` statement does."
+    room = prompt_tokens - len(tokenizer(question).input_ids) - 16  # the chat template's own tokens
+    parts, used = [], 0
+    for name in [topic, *(k for k in sorted(topics) if k != topic)]:
+        n = len(tokenizer(topics[name]).input_ids)
+        if used + n <= room:
+            parts.append(topics[name])
+            used += n
+    if not parts:  # shorter than the topic itself: its first tokens
+        parts = [tokenizer.decode(tokenizer(topics[topic]).input_ids[: max(room, 1)])]
+    content = "\n\n".join(parts) + "\n\n" + question
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    return tokenizer(content + "\nAnswer:", return_tensors="pt").input_ids

@@ -53,6 +53,22 @@ def test_cli_generate_reports_both_caches():
 
 
 @pytest.mark.integration
+def test_reference_prompt_puts_the_topic_first_and_the_question_last(smollm):
+    from h2o_cache.models import reference_prompt
+
+    _, tokenizer = smollm
+    for length in (100, 2048, 4096):
+        ids = reference_prompt(tokenizer, length)
+        assert length - 400 <= ids.shape[1] <= length  # whole sections only, within the length
+        text = tokenizer.decode(ids[0])
+        assert text.rstrip().endswith("assistant")  # the chat template's generation prompt
+        assert "what the `try` statement does" in text[-200:]
+    assert "The \"try\" statement" in tokenizer.decode(reference_prompt(tokenizer, 4096)[0])[:400]
+    with pytest.raises(ValueError, match="topic='nope'"):
+        reference_prompt(tokenizer, 100, topic="nope")
+
+
+@pytest.mark.integration
 def test_smollm_full_budget_exact_and_20_percent_evicts(smollm):
     model, tokenizer = smollm
     from h2o_cache.models import reference_text
