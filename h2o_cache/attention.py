@@ -102,7 +102,8 @@ def h2o_attention(
     if prefill and not single_pass:
         output, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         mass = None
-        if need_mass and weights is not None:
+        # Eager's weights are rounded to the model dtype: usable as scores only in float32.
+        if need_mass and weights is not None and weights.dtype == torch.float32:
             mass = mass_from_weights(weights, key.shape[1], new_valid, config.gqa_aggregation)
         elif need_mass:
             _, mass = attention_with_mass(query, key, None, **common)

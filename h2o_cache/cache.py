@@ -71,11 +71,12 @@ class H2OLayer(CacheLayerMixin):
     # Evicted tokens are gone, so a rollback (assisted decoding) cannot be honoured.
     is_croppable = False
 
-    def __init__(self, config: H2OConfig, layer_idx: int):
+    def __init__(self, config: H2OConfig, layer_idx: int, prompt_length: int | None = None):
         super().__init__()
         self.config = config
         self.policy = get_policy(config.policy)
         self.layer_idx = layer_idx
+        self.prompt_length = prompt_length  # what ratio budgets resolve against; None: the first update's length
         self.seen = 0
         self.heavy: int | None = None  # slots, fixed by the first update (the prompt)
         self.recent: int | None = None
@@ -127,7 +128,7 @@ class H2OLayer(CacheLayerMixin):
             )
         q_len = key_states.shape[-2]
         if self.heavy is None:
-            heavy, recent = self.config.token_budgets(q_len)
+            heavy, recent = self.config.token_budgets(self.prompt_length or q_len)
             self.heavy, self.recent = self.policy.split(heavy, recent, self.config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
 
@@ -176,7 +177,7 @@ class H2OLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
-        self.__init__(self.config, self.layer_idx)
+        self.__init__(self.config, self.layer_idx, self.prompt_length)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
@@ -305,25 +306,42 @@ class H2OCache(Cache):
         config: the model's config (checked for support and used to create one layer per decoder layer);
             ``None`` creates layers lazily.
         h2o_config: an ``H2OConfig``; or give its fields as keyword arguments (``heavy_ratio=0.1, ...``).
+        prompt_length: the prompt's length in tokens, which ratio budgets resolve against. Needed only when the
+            prompt reaches the cache in several pieces (``generate(prefill_chunk_size=...)`` or a hand-fed
+            chunked prefill); by default ratios resolve against the first update's length.
     """
 
-    def __init__(self, config: Any = None, h2o_config: H2OConfig | None = None, **options: Any):
+    def __init__(
+        self,
+        config: Any = None,
+        h2o_config: H2OConfig | None = None,
+        *,
+        prompt_length: int | None = None,
+        **options: Any,
+    ):
         if h2o_config is not None and options:
             raise ValueError(f"H2OCache: pass either h2o_config or keyword options, not both (got {sorted(options)})")
+        if prompt_length is not None and (isinstance(prompt_length, bool) or not isinstance(prompt_length, int)
+                                          or prompt_length < 1):
+            raise ValueError(f"H2OCache: prompt_length must be an integer >= 1, got {prompt_length!r}")
         self.h2o_config = h2o_config if h2o_config is not None else H2OConfig.from_dict(options)
+        self.prompt_length = prompt_length
         if config is not None:
             from .support import check_model_config
 
             num_layers = check_model_config(config)
-            super().__init__(layers=[H2OLayer(self.h2o_config, i) for i in range(num_layers)])
+            super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
         else:
             super().__init__(layer_class_to_replicate=H2OLayer)
+
+    def _new_layer(self, layer_idx: int) -> H2OLayer:
+        return H2OLayer(self.h2o_config, layer_idx, self.prompt_length)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
-            self.layers.append(H2OLayer(self.h2o_config, len(self.layers)))
+            self.layers.append(self._new_layer(len(self.layers)))
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         _PENDING.set(layer)

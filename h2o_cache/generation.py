@@ -65,8 +65,25 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
 
     if not patches_enabled():
         raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before generating with H2O")
+    chunked_prefill = getattr(generation_config, "prefill_chunk_size", None) is not None
     if not wants_h2o:
+        if chunked_prefill and user_cache.h2o_config.uses_ratios and user_cache.prompt_length is None:
+            raise ValueError(
+                "prefill_chunk_size: the prompt reaches the H2OCache in chunks, so its heavy_ratio/recent_ratio "
+                "would resolve against the first chunk; create it with H2OCache(..., prompt_length=N) or give "
+                "heavy_budget/recent_budget in tokens"
+            )
         return False  # transformers' own path marks the user's cache as user-defined
-    options = generation_config.cache_config
-    model_kwargs[CACHE_ARG] = H2OCache(model.config, H2OConfig.from_dict(options))
+    h2o_config = H2OConfig.from_dict(generation_config.cache_config)
+    prompt_length = _prompt_length(generation_config, model_kwargs) if chunked_prefill else None
+    model_kwargs[CACHE_ARG] = H2OCache(model.config, h2o_config, prompt_length=prompt_length)
     return True
+
+
+def _prompt_length(generation_config: Any, model_kwargs: dict) -> int | None:
+    """The prompt's length, from the 2-D attention mask (transformers >= 5.24 drops an all-ones mask and records
+    its length instead)."""
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None:
+        return int(mask.shape[-1])
+    return getattr(generation_config, "_mask_length", None)

@@ -85,7 +85,7 @@ def attention_with_mass(
         if mass is not None:
             probs5 = probs.view(bsz, hkv, groups, rows, visible)
             if query_valid is not None:
-                probs5 = probs5 * query_valid[:, None, None, start:end, None]
+                probs5 = probs5.masked_fill(~query_valid[:, None, None, start:end, None], 0.0)
             mass[..., :visible] += _combine_heads(probs5, aggregation)
 
     out = None
@@ -102,7 +102,8 @@ def mass_from_weights(
     bsz, hq, q_len, k_len = weights.shape
     probs = weights.float().view(bsz, num_kv_heads, hq // num_kv_heads, q_len, k_len)
     if query_valid is not None:
-        probs = probs * query_valid[:, None, None, :, None]
+        # masked_fill, not a product: a backend may leave NaN in the rows of padding queries.
+        probs = probs.masked_fill(~query_valid[:, None, None, :, None], 0.0)
     return _combine_heads(probs, aggregation)
 
 

@@ -51,6 +51,15 @@ def test_max_aggregation_and_padding_queries():
     torch.testing.assert_close(mass, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_padding_rows_of_a_backend_may_hold_nan():
+    # fp16 eager turns a fully masked row into softmax(-inf, ...) = NaN; those rows must simply not count.
+    weights = torch.rand(1, 2, 4, 4).softmax(-1)
+    weights[:, :, :2] = float("nan")
+    query_valid = torch.tensor([[False, False, True, True]])
+    mass = mass_from_weights(weights, 1, query_valid, "mean")
+    torch.testing.assert_close(mass, mass_from_weights(weights[:, :, 2:], 1, None, "mean"))
+
+
 def test_chunk_size_bounds_the_block():
     assert chunk_size_for(4, 9, 4096, 64 * 2**20) * 4 * 9 * 4096 * 4 <= 64 * 2**20
     assert chunk_size_for(64, 64, 10**6, 1) == 1

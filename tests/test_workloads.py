@@ -92,6 +92,22 @@ def test_ratio_budget_comes_from_the_padded_prompt_length():
     assert out.past_key_values.budget() == 8  # 20% of the padded width, for every row
 
 
+def test_ratio_budget_resolves_against_the_whole_prompt_under_chunked_prefill():
+    model = make_model("llama")
+    ids = prompt_ids(1, 40)
+    kw = dict(max_new_tokens=4, eos_token_id=None, return_dict_in_generate=True, prefill_chunk_size=8)
+    out = model.generate(ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.1, "recent_ratio": 0.1}, **kw)
+    assert out.past_key_values.budget() == 8  # 20% of the 40-token prompt, not of its first 8-token chunk
+    # A user's own cache cannot know the prompt's length: ratios need prompt_length (or absolute budgets).
+    with pytest.raises(ValueError, match="prefill_chunk_size.*prompt_length"):
+        model.generate(ids, past_key_values=H2OCache(model.config, heavy_ratio=0.1, recent_ratio=0.1), **kw)
+    cache = H2OCache(model.config, heavy_ratio=0.1, recent_ratio=0.1, prompt_length=40)
+    model.generate(ids, past_key_values=cache, **kw)
+    assert cache.budget() == 8
+    with pytest.raises(ValueError, match="prompt_length must be an integer >= 1"):
+        H2OCache(model.config, prompt_length=0)
+
+
 @pytest.mark.parametrize("budget", ["full", "20pct"])
 def test_sampling_with_num_return_sequences(budget):
     model = make_model("llama")
@@ -238,3 +254,21 @@ def test_half_precision_models(dtype):
         # Every query hands out one unit of attention per KV head: the scores stay bounded by tokens seen.
         assert layer.scores.max() <= cache.get_seq_length()
     assert all(torch.isfinite(step).all() for step in out.logits)
+
+
+def test_half_precision_eager_prefill_scores_come_from_float32():
+    """Eager returns its weights rounded to fp16; H2O must score from float32 probabilities, as on sdpa.
+
+    Layer 0 sees identical inputs under both backends, so its scores must agree exactly.
+    """
+    ids, mask = left_padded([prompt_ids(1, 30)[0], prompt_ids(1, 12, seed=1)[0]])
+    scores = {}
+    for attn in ("eager", "sdpa"):
+        model = make_model("llama", dtype=torch.float16, attn=attn)
+        cache = H2OCache(model.config, heavy_budget=64, recent_budget=64)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        scores[attn] = cache.layers[0].scores
+        assert all(layer.scores.dtype == torch.float32 for layer in cache.layers)
+    torch.testing.assert_close(scores["eager"], scores["sdpa"], atol=1e-6, rtol=1e-6)
+    assert not scores["eager"][1, :, :18].any()  # padding receives no attention
