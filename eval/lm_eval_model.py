@@ -130,12 +130,21 @@ def task_dir(source: str = str(TASK_DIR)) -> str:
     return str(out)
 
 
-@functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None = None) -> Any:
-    """A ``TaskManager`` that knows the local tasks (building one indexes every lm-eval task: done once)."""
+@functools.lru_cache(maxsize=8)
+def task_manager(include_path: str | None = None, include_defaults: bool = True) -> Any:
+    """A ``TaskManager`` that knows the project's local tasks, those in ``include_path`` (e.g. standard tasks made
+    local by ``localize_standard_task``) and, with ``include_defaults``, lm-eval's own (indexing those takes tens
+    of seconds on 2 cores: cached)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path or task_dir())
+    return TaskManager(include_path=[task_dir(), *([include_path] if include_path else [])],
+                       include_defaults=include_defaults)
+
+
+def _needs_lm_eval_tasks(tasks: Sequence[str], include_path: str | None) -> bool:
+    """Whether some task is neither one of the project's nor a YAML in ``include_path``."""
+    local = set(LOCAL_TASKS) | ({p.stem for p in Path(include_path).glob("*.yaml")} if include_path else set())
+    return any(task not in local for task in tasks)
 
 
 def _flatten(results: dict[str, Any]) -> dict[str, float]:
@@ -159,6 +168,8 @@ def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = Non
 
     lm = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=budget, h2o_options=h2o_options,
                batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks or LOCAL_TASKS), task_manager=task_manager(include_path),
+    tasks = list(tasks or LOCAL_TASKS)
+    manager = task_manager(include_path, _needs_lm_eval_tasks(tasks, include_path))
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
                                   limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
     return out if raw else _flatten(out)

@@ -13,6 +13,10 @@ writes three tasks (JSONL data + YAML config), all tagged ``h2o_local``:
   number generated must equal it (``exact_match``).
 
 The same text and seed always give the same files. Default text: ``pydoc_data.topics`` (the Python reference).
+
+Standard lm-eval tasks (copa, piqa, ...) read their documents from the Hugging Face hub, which these machines
+cannot reach. ``localize_standard_task`` makes a local variant of one: the task's own YAML (prompt, choices,
+metrics) is included unchanged and only its dataset is pointed at a JSONL export with the same fields.
 """
 
 from __future__ import annotations
@@ -230,6 +234,52 @@ def write_tasks(out_dir: str | Path = TASK_DIR, *, text: str | None = None, docs
         yaml.write_text(_YAML[name].format(tag=TAG, dir="{TASK_DIR}"))
         written += [data, yaml]
     return written
+
+
+def standard_task_yaml(task: str) -> Path:
+    """The YAML file that defines lm-eval's task ``task``.
+
+    A scan for its ``task:`` line takes ~2 s; lm-eval's full task index (the fallback, for tasks named another
+    way) takes tens of seconds on 2 cores.
+    """
+    import lm_eval
+
+    line = re.compile(rf"^task:\s*['\"]?{re.escape(task)}['\"]?\s*$", re.M)
+    found = [p for p in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml"))
+             if line.search(p.read_text(errors="ignore"))]
+    if len(found) == 1:
+        return found[0]
+    from lm_eval.tasks import TaskManager
+
+    entry = TaskManager().task_index.get(task)
+    if entry is None or getattr(entry, "yaml_path", None) is None or entry.kind.name != "TASK":
+        raise ValueError(f"task={task!r} is not a single lm-eval task with a YAML config (a group or unknown name)")
+    return Path(entry.yaml_path)
+
+
+def localize_standard_task(task: str, data_file: str | Path, out_dir: str | Path) -> str:
+    """Write ``<task>_local.yaml`` into ``out_dir``: lm-eval's own ``task`` reading ``data_file`` instead of the hub.
+
+    ``data_file`` is a JSONL export of the split to evaluate (one document a line, the dataset's own fields); it
+    becomes the local task's test split. Returns the local task's name; pass ``out_dir`` as the extra task
+    folder (``run_lm_eval(include_path=...)``).
+    """
+    data = Path(data_file).resolve()
+    if not data.is_file():
+        raise ValueError(f"data_file={str(data_file)!r}: no such file (a JSONL export of {task!r}'s documents)")
+    yaml_path = standard_task_yaml(task)
+    name = f"{task}_local"
+    # `include` takes the task's YAML whole (its !function references resolve against its own folder); the keys
+    # after it replace the dataset and splits only. JSON is YAML, so every value is written with json.dumps.
+    settings = {
+        "include": str(yaml_path), "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(data)}}, "training_split": None, "validation_split": None,
+        "fewshot_split": None, "test_split": "test",
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.yaml").write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

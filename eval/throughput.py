@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import logging
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from h2o_cache.compat import cache_kwargs, output_cache
+from h2o_cache.compat import cache_kwargs
 
 from .report import line_plot, markdown_table, write_json
 
@@ -169,39 +171,51 @@ def make_prompts(tokenizer: Any, vocab_size: int, batch: int, prompt_len: int, s
 
 
 @torch.no_grad()
-def _generate_timed(model: Any, ids: torch.Tensor, cache: Any, gen: int) -> dict[str, Any]:
+def _generate_timed(model: Any, ids: torch.Tensor, new_cache: Callable[[], Any], gen: int,
+                    micro_batch: int = 0) -> dict[str, Any]:
+    """Prefill (in micro-batches of ``micro_batch`` rows when > 0, see ``h2o_cache.batching``), then exactly
+    ``gen`` greedy tokens."""
+    from h2o_cache.batching import prefill_in_micro_batches
+
     device = ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
+    cache, logits = prefill_in_micro_batches(model, ids, new_cache, micro_batch=micro_batch or ids.shape[0])
+    nxt = logits.argmax(-1, keepdim=True)
     sync()
     t1 = time.perf_counter()
     steps = []
     for _ in range(gen - 1):  # EOS ignored: exactly `gen` new tokens
         s0 = time.perf_counter()
-        out = model(input_ids=nxt, **cache_kwargs(output_cache(out)), use_cache=True)
+        out = model(input_ids=nxt, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         steps.append(time.perf_counter() - s0)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "cache": output_cache(out)}
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "cache": cache}
 
 
 def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, budget: float | None = None,
             tokenizer: Any = None, warmup: int = 1, repeats: int = 3, bandwidth_gb_s: float | None = None,
-            system: str = "hf", extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure one configuration; returns a result record (``status`` ok/skipped/failed)."""
+            system: str = "hf", extra: dict[str, Any] | None = None, micro_batch: int = 0) -> dict[str, Any]:
+    """Measure one configuration; returns a result record (``status`` ok/skipped/failed).
+
+    ``micro_batch`` > 0 prefills that many sequences at a time (``h2o_cache.batching``); the decode runs the whole
+    batch at once either way.
+    """
     device = next(p.device for p in model.parameters() if p.device.type != "meta") if any(
         p.device.type != "meta" for p in model.parameters()) else torch.device("cpu")
     record: dict[str, Any] = {"system": system, "cache": cache, "batch": batch, "prompt_len": prompt_len, "gen": gen,
-                              **(extra or {})}
+                              "prefill_micro_batch": micro_batch or batch, **(extra or {})}
     if cache == "h2o":
         heavy, recent = h2o_budget_tokens(budget if budget is not None else 0.2, prompt_len)
         record.update(budget_pct=100.0 * (heavy + recent) / prompt_len, budget_tokens=heavy + recent)
     else:
         record.update(budget_pct=None, budget_tokens=None)
+    if cache not in ("dynamic", "h2o"):
+        micro_batch = 0  # only those caches can be concatenated (h2o_cache.concatenate_caches)
+        record["prefill_micro_batch"] = batch
     probe, reason = make_cache(cache, model, budget, prompt_len)
     if probe is None:
         return {**record, "status": "skipped", "reason": reason}
@@ -210,12 +224,14 @@ def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, bu
     try:
         for _ in range(warmup):  # short warm-up: same code paths, small shapes
             wl = min(prompt_len, 64)
-            _generate_timed(model, ids[:, :wl], make_cache(cache, model, budget, wl)[0], min(gen, 4))
+            _generate_timed(model, ids[:, :wl], lambda wl=wl: make_cache(cache, model, budget, wl)[0], min(gen, 4),
+                            micro_batch)
         runs = []
         for _ in range(repeats):
             can_reset = reset_peak_memory()
             rss0 = current_rss_bytes()
-            result = _generate_timed(model, ids, make_cache(cache, model, budget, prompt_len)[0], gen)
+            result = _generate_timed(model, ids, lambda: make_cache(cache, model, budget, prompt_len)[0], gen,
+                                     micro_batch)
             peak = peak_memory_bytes(device)
             kv = cache_kv_bytes(result["cache"])
             kept = result["cache"].tokens_kept() if hasattr(result["cache"], "tokens_kept") else None
@@ -259,38 +275,50 @@ def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, bu
 
 
 # ---- same-memory comparison ---------------------------------------------------------------------------------
-def largest_batch(fits: Callable[[int], bool], start: int, max_batch: int) -> int:
-    """Largest ``b <= max_batch`` with ``fits(b)``, by doubling from ``start`` then bisection (0 if none fits)."""
+def largest_batch(peak_of: Callable[[int], float], budget: float, start: int, max_batch: int) -> int:
+    """Largest ``b <= max_batch`` whose measured ``peak_of(b)`` is within ``budget`` (0 if none is).
+
+    A batch's peak memory is close to linear in the batch, and each probe costs a prefill of that whole batch, so
+    the search measures ``start`` and ``2 * start``, extrapolates the line to the budget, and then measures its
+    way from that guess to the answer, which is always confirmed by probes on both sides of it.
+    """
+    peaks: dict[int, float] = {}
+
+    def fits(b: int) -> bool:
+        if b not in peaks:
+            peaks[b] = peak_of(b)
+        return peaks[b] <= budget
+
     if not fits(start):
-        lo, hi = 0, start
+        b = start - 1
+        while b > 0 and not fits(b):
+            b -= 1
+        return b
+    second = min(2 * start, max_batch)
+    if second == start:
+        return start
+    fits(second)
+    slope = (peaks[second] - peaks[start]) / (second - start)
+    guess = max_batch if slope <= 0 else start + int((budget - peaks[start]) / slope)
+    b = min(max(guess, start), max_batch)
+    if fits(b):
+        while b < max_batch and fits(b + 1):
+            b += 1
     else:
-        lo, hi = start, None
-        b = start
-        while hi is None:
-            nb = min(b * 2, max_batch)
-            if nb == b:
-                return b
-            if fits(nb):
-                lo, b = nb, nb
-            else:
-                hi = nb
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        while b > start and not fits(b):
+            b -= 1
+    return b
 
 
 def probe_peak(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, budget: float | None,
-               probe_steps: int, tokenizer: Any = None) -> dict[str, Any]:
+               probe_steps: int, tokenizer: Any = None, micro_batch: int = 0) -> dict[str, Any]:
     """Measured peak of prefill + ``probe_steps`` decode steps, plus the KV the remaining steps would still add
     (the full cache grows by one token per step; H2O's slot buffer does not grow)."""
     device = next(model.parameters()).device
     ids = make_prompts(tokenizer, model.config.vocab_size, batch, prompt_len).to(device)
     reset_peak_memory()
-    res = _generate_timed(model, ids, make_cache(cache, model, budget, prompt_len)[0], min(gen, probe_steps + 1))
+    res = _generate_timed(model, ids, lambda: make_cache(cache, model, budget, prompt_len)[0],
+                          min(gen, probe_steps + 1), micro_batch)
     peak = peak_memory_bytes(device) or 0
     kv_now = cache_kv_bytes(res["cache"]) or 0
     seen = prompt_len + min(gen, probe_steps + 1) - 1
@@ -303,23 +331,57 @@ def probe_peak(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int,
             "peak_gib": (peak + growth) / GiB}
 
 
+def probe_peak_isolated(model_path: Path, *, dtype: str, threads: int, text_prompts: bool,
+                        **probe: Any) -> dict[str, Any]:
+    """``probe_peak`` in a fresh Python process, whose peak RSS then belongs to this probe alone.
+
+    In one long-lived process the allocator keeps memory freed by earlier runs, so later peaks come out hidden or
+    inflated (one run here measured batch 6 below batch 4, and batch 7 above batch 8).
+    """
+    spec = {"model": str(model_path), "dtype": dtype, "threads": threads, "text_prompts": text_prompts,
+            "probe": probe}
+    code = "import json, sys; from h2o_cache.eval.throughput import _probe_main; _probe_main(json.loads(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _probe_main(spec: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from h2o_cache.models import load_model, resolve_dtype
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    if spec["text_prompts"]:
+        model, tokenizer = load_model(spec["model"], dtype=spec["dtype"])
+    else:  # random token ids: the folder needs no tokenizer
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=resolve_dtype(spec["dtype"])).eval()
+        tokenizer = None
+    result = probe_peak(model, tokenizer=tokenizer, **spec["probe"])
+    print(json.dumps(result))
+
+
 def same_memory(model: Any, *, budget_gib: float, prompt_len: int, gen: int, h2o_budget: float, start_batch: int,
-                max_batch: int, probe_steps: int, tokenizer: Any, measure_kwargs: dict[str, Any],
-                progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                max_batch: int, probe: Callable[..., dict[str, Any]], tokenizer: Any,
+                measure_kwargs: dict[str, Any], progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Largest batch within ``budget_gib`` for the full cache and for H2O, and a measured run at each.
+
+    ``probe(cache=..., batch=..., budget=...)`` returns a ``probe_peak`` record.
+    """
     out: dict[str, Any] = {"budget_gib": budget_gib, "prompt_len": prompt_len, "gen": gen, "probes": {}, "runs": {}}
     for cache in ("dynamic", "h2o"):
         probes = []
 
-        def fits(b: int, cache=cache, probes=probes) -> bool:
+        def peak_of(b: int, cache=cache, probes=probes) -> float:
             progress(f"same-memory probe {cache} batch {b}")
-            p = probe_peak(model, cache=cache, batch=b, prompt_len=prompt_len, gen=gen,
-                           budget=h2o_budget if cache == "h2o" else None, probe_steps=probe_steps,
-                           tokenizer=tokenizer)
+            p = probe(cache=cache, batch=b, budget=h2o_budget if cache == "h2o" else None)
             p["fits"] = p["peak_gib"] <= budget_gib
             probes.append(p)
-            return p["fits"]
+            return p["peak_gib"]
 
-        best = largest_batch(fits, start_batch, max_batch)
+        best = largest_batch(peak_of, budget_gib, start_batch, max_batch)
         out["probes"][cache] = probes
         out[f"{cache}_max_batch"] = best
         out[f"{cache}_hit_search_cap"] = best >= max_batch
@@ -387,7 +449,8 @@ def run_system(system: str, model_path: Path | None, *, batch: int, prompt_len: 
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------
-COLUMNS = ["system", "cache", "budget_pct", "budget_tokens", "batch", "prompt_len", "gen", "prefill_tok_s",
+COLUMNS = ["system", "cache", "budget_pct", "budget_tokens", "batch", "prefill_micro_batch", "prompt_len", "gen",
+           "prefill_tok_s",
            "decode_tok_s", "e2e_tok_s", "peak_gib", "kv_bytes", "step_s", "roofline_frac", "status", "reason"]
 
 
@@ -439,6 +502,8 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     sm = results.get("same_memory")
     if sm:
         md.append(f"\n## Same memory budget: {sm['budget_gib']:.3f} GiB (prompt {sm['prompt_len']}, gen {sm['gen']})\n")
+        md.append(f"Budget: {sm.get('budget_source', 'given')}. Peaks probed in a fresh process per probe where the "
+                  "model has a folder.\n\n")
         md.append(f"Largest batch: full cache {sm.get('dynamic_max_batch')}, H2O {sm.get('h2o_max_batch')}"
                   f"{' (search cap reached)' if sm.get('h2o_hit_search_cap') else ''}; "
                   f"e2e ratio {sm.get('e2e_ratio', float('nan')):.2f}, decode ratio "
@@ -528,8 +593,17 @@ def run_benchmark(args: argparse.Namespace, model: Any = None, tokenizer: Any = 
         if model_path.suffix == ".gguf":
             model_path = None
     bw = memory_bandwidth(args.bandwidth_mib)
-    mk = {"warmup": args.warmup, "repeats": args.repeats, "bandwidth_gb_s": bw["bandwidth_gb_s"]}
+    mk = {"warmup": args.warmup, "repeats": args.repeats, "bandwidth_gb_s": bw["bandwidth_gb_s"],
+          "micro_batch": args.prefill_micro_batch}
     tok = tokenizer if args.text_prompts else None
+
+    def probe(*, cache: str, batch: int, budget: float | None) -> dict[str, Any]:
+        spec = dict(cache=cache, batch=batch, prompt_len=args.bars_prompt, gen=args.gen, budget=budget,
+                    probe_steps=args.probe_steps, micro_batch=args.prefill_micro_batch)
+        if model_path is not None and (Path(model_path) / "config.json").exists():
+            return probe_peak_isolated(Path(model_path), dtype=args.dtype, threads=args.threads,
+                                       text_prompts=args.text_prompts, **spec)
+        return probe_peak(model, tokenizer=tok, **spec)  # a model without a folder: probed in this process
 
     specs = []
     for L in args.prompt_lens:
@@ -558,16 +632,16 @@ def run_benchmark(args: argparse.Namespace, model: Any = None, tokenizer: Any = 
         bar.update()
     if args.same_memory_gib is not None:
         budget_gib = args.same_memory_gib
-        if budget_gib <= 0:  # auto: the measured peak of the full cache at the bars batch, +2%
-            ref = next((r for r in results["grid"] if r["cache"] == "dynamic" and r["batch"] == args.bars_batch
-                        and r["prompt_len"] == args.bars_prompt and r.get("peak_gib")), None)
-            if ref is None:
-                raise ValueError("--same-memory-gib 0 (auto) needs the dynamic run at the bars configuration")
-            budget_gib = ref["peak_gib"] * 1.02
+        budget_source = f"--same-memory-gib {budget_gib}"
+        if budget_gib <= 0:  # auto: what the full cache needs at the bars batch, probed the same way, +2%
+            bar.set_postfix_str("same-memory budget probe")
+            budget_gib = probe(cache="dynamic", batch=args.bars_batch, budget=None)["peak_gib"] * 1.02
+            budget_source = f"the full cache's probed peak at batch {args.bars_batch}, +2%"
         results["same_memory"] = same_memory(
             model, budget_gib=budget_gib, prompt_len=args.bars_prompt, gen=args.gen, h2o_budget=0.2,
-            start_batch=args.bars_batch, max_batch=args.max_batch, probe_steps=args.probe_steps, tokenizer=tok,
+            start_batch=args.bars_batch, max_batch=args.max_batch, probe=probe, tokenizer=tok,
             measure_kwargs=mk, progress=bar.set_postfix_str)
+        results["same_memory"]["budget_source"] = budget_source
         bar.update()
     for system in args.systems:
         bar.set_postfix_str(system)
@@ -625,6 +699,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory budget (GiB) of the same-memory comparison; 0 = the full cache's measured peak at "
                         "the bar configuration (+2%%); negative disables it")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the same-memory search tries")
+    p.add_argument("--prefill-micro-batch", type=int, default=0,
+                   help="prefill this many sequences at a time and decode the whole batch together (FlexGen's "
+                        "schedule; h2o_cache.prefill_in_micro_batches), for the full and the H2O cache alike; "
+                        "0 = the whole batch at once (default)")
     p.add_argument("--probe-steps", type=int, default=2,
                    help="decode steps of a memory probe; the full cache's growth over the remaining steps is added")
     p.add_argument("--systems", type=_names(SYSTEMS), default=list(SYSTEMS),
@@ -643,6 +721,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    if not getattr(args, "_argv", None) and "bench" in sys.argv:  # `h2o-cache bench ...`: record its options
+        args._argv = sys.argv[sys.argv.index("bench") + 1:]
     if args.same_memory_gib is not None and args.same_memory_gib < 0:
         args.same_memory_gib = None
     results = run_benchmark(args)

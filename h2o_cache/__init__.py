@@ -7,12 +7,16 @@ becomes a valid ``generate`` option and the attention functions route H2O layers
 
 from __future__ import annotations
 
+from .batching import concatenate_caches, prefill_in_micro_batches
 from .cache import H2OCache, H2OLayer
 from .config import POLICIES, H2OConfig
 from .models import load_model
 
 __version__ = "0.1.0"
-__all__ = ["H2OCache", "H2OConfig", "H2OLayer", "POLICIES", "enable", "disable", "load_model", "patches_enabled"]
+__all__ = [
+    "H2OCache", "H2OConfig", "H2OLayer", "POLICIES", "concatenate_caches", "disable", "enable", "load_model",
+    "patches_enabled", "prefill_in_micro_batches",
+]
 
 
 def enable() -> None:

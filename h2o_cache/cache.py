@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -287,6 +287,44 @@ class H2OLayer(CacheLayerMixin):
         self.slot_mode = True
         self.evicted += slots - self.budget
 
+    @classmethod
+    def concatenate(cls, layers: Sequence[H2OLayer]) -> H2OLayer:
+        """One layer holding the sequences of ``layers`` in order (batch axis).
+
+        The layers must be in the same state: the same tokens seen, budget and slots, i.e. prompts of one padded
+        width prefilled separately (``h2o_cache.prefill_in_micro_batches``).
+        """
+        first = layers[0]
+
+        def state(layer: H2OLayer) -> tuple:
+            shape = tuple(layer.keys.shape[1:]) if layer.is_initialized else None
+            return (layer.is_initialized, layer.seen, layer.heavy, layer.recent, layer.slot_mode, layer.evicted,
+                    shape, layer.awaiting_attention)
+
+        if any(layer.config != first.config or state(layer) != state(first) for layer in layers):
+            raise ValueError(
+                "H2OCache.concatenate: the caches differ in budget or tokens seen; concatenate only caches of "
+                "prompts with one padded width, prefilled the same way and each after a complete forward"
+            )
+        out = cls(first.config, first.layer_idx, first.prompt_length)
+        if not first.is_initialized:
+            return out
+        out.dtype, out.device, out.is_initialized = first.dtype, first.device, True
+        out.seen, out.heavy, out.recent = first.seen, first.heavy, first.recent
+        out.slot_mode, out.evicted = first.slot_mode, first.evicted
+        out.keys = torch.cat([layer.keys for layer in layers])
+        out.values = torch.cat([layer.values for layer in layers])
+        if first.scores is not None:
+            out.scores = torch.cat([layer.scores for layer in layers])
+        # Positions and validity exist only in layers that needed them (eviction, padding): fill in the rest.
+        if any(layer.positions is not None for layer in layers):
+            out.positions = torch.cat([layer._materialised_positions() for layer in layers])
+        if any(layer.valid is not None for layer in layers):
+            out.valid = torch.cat([layer.valid if layer.valid is not None
+                                   else torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.device)
+                                   for layer in layers])
+        return out
+
     def kv_bytes(self) -> int:
         """Bytes of stored keys and values (the scratch slot included)."""
         if not self.is_initialized:
@@ -346,6 +384,18 @@ class H2OCache(Cache):
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         _PENDING.set(layer)
         return keys, values
+
+    @classmethod
+    def concatenate(cls, caches: Sequence[H2OCache]) -> H2OCache:
+        """One cache holding the sequences of ``caches`` in order (batch axis); see ``H2OLayer.concatenate``."""
+        if not caches:
+            raise ValueError("H2OCache.concatenate: caches is empty")
+        first = caches[0]
+        if any(c.h2o_config != first.h2o_config or len(c.layers) != len(first.layers) for c in caches):
+            raise ValueError("H2OCache.concatenate: the caches differ in H2OConfig or number of layers")
+        out = cls(None, first.h2o_config, prompt_length=first.prompt_length)
+        out.layers = [H2OLayer.concatenate([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+        return out
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

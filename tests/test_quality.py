@@ -127,6 +127,29 @@ def test_lm_eval_wrapper_runs_local_tasks(tiny):
     assert "h2o_mc/acc_norm" in full
 
 
+def test_standard_task_runs_from_a_local_export(tiny, tmp_path):
+    """lm-eval's own COPA (its prompt functions, choices and metric) on a local JSONL, through the H2O wrapper."""
+    pytest.importorskip("lm_eval")
+    from h2o_cache.eval.lm_eval_model import run_lm_eval
+    from h2o_cache.eval.lm_eval_tasks import localize_standard_task
+
+    docs = [{"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+             "choice2": "He got a hole in his sock.", "question": "cause", "label": 0, "idx": 0},
+            {"premise": "I tipped the bottle.", "choice1": "The liquid in the bottle froze.",
+             "choice2": "The liquid in the bottle poured out.", "question": "effect", "label": 1, "idx": 1}]
+    data = tmp_path / "copa.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    name = localize_standard_task("copa", data, tmp_path / "tasks")
+    assert name == "copa_local"
+    raw = run_lm_eval(*tiny, tasks=[name], policy="h2o", budget=0.2, include_path=str(tmp_path / "tasks"), raw=True)
+    assert raw["results"][name]["acc,none"] in (0.0, 0.5, 1.0)
+    assert raw["n-samples"][name]["effective"] == 2
+    with pytest.raises(ValueError, match="data_file="):
+        localize_standard_task("copa", tmp_path / "missing.jsonl", tmp_path)
+    with pytest.raises(ValueError, match="task='no_such_task'"):
+        localize_standard_task("no_such_task", data, tmp_path)
+
+
 @pytest.mark.parametrize("policy", ["h2o", "local"])
 def test_lm_eval_full_budget_equals_plain_hflm(tiny, policy):
     pytest.importorskip("lm_eval")

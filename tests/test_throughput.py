@@ -64,6 +64,7 @@ def test_same_memory_search_and_accelerate(tiny, tmp_path):
     res = throughput.run_benchmark(args, model=model, model_path=folder)
     sm = res["same_memory"]
     assert sm["dynamic_max_batch"] == 4 and sm["h2o_max_batch"] == 4 and sm["h2o_hit_search_cap"]
+    assert all(p["fits"] for probes in sm["probes"].values() for p in probes)
     assert sm["runs"]["h2o"]["status"] == "ok"
     acc = res["baselines"][0]
     assert acc["status"] == "ok", acc
@@ -71,10 +72,29 @@ def test_same_memory_search_and_accelerate(tiny, tmp_path):
 
 
 def test_largest_batch():
-    assert throughput.largest_batch(lambda b: b <= 11, 4, 64) == 11
-    assert throughput.largest_batch(lambda b: b <= 2, 4, 64) == 2
-    assert throughput.largest_batch(lambda b: False, 4, 64) == 0
-    assert throughput.largest_batch(lambda b: True, 4, 64) == 64
+    calls = []
+
+    def linear(b):  # 1 GiB + 0.5 GiB per sequence
+        calls.append(b)
+        return 1.0 + 0.5 * b
+
+    assert throughput.largest_batch(linear, 6.6, 4, 64) == 11
+    assert sorted(calls) == [4, 8, 11, 12]  # two probes to fit the line, then the answer and one past it
+    assert throughput.largest_batch(lambda b: 1.0 + 0.5 * b, 2.1, 4, 64) == 2
+    assert throughput.largest_batch(lambda b: 100.0, 1.0, 4, 64) == 0
+    assert throughput.largest_batch(lambda b: 1.0, 2.0, 4, 64) == 64
+    # not linear: the walk from the guess still lands on the true boundary
+    assert throughput.largest_batch(lambda b: 1.0 + 0.1 * b * b, 9.0, 2, 64) == 8
+
+
+def test_isolated_probe_and_micro_batched_runs(tiny, tmp_path):
+    model, folder = tiny
+    spec = dict(cache="h2o", batch=3, prompt_len=32, gen=4, budget=0.25, probe_steps=1, micro_batch=2)
+    p = throughput.probe_peak_isolated(folder, dtype="float32", threads=1, text_prompts=False, **spec)
+    assert p["batch"] == 3 and p["peak_gib"] > 0 and p["projected_growth_gib"] == 0
+    rec = throughput.measure(model, cache="h2o", batch=3, prompt_len=32, gen=4, budget=0.25, repeats=1,
+                             micro_batch=2)
+    assert rec["status"] == "ok" and rec["prefill_micro_batch"] == 2 and rec["tokens_kept"] == 8
 
 
 def test_cli_help_lists_options():
