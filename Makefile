@@ -36,7 +36,8 @@ test-fast: $(STAMP)
 # h2o_cache) through a .pth file and shadows only transformers with the oldest supported release.
 LOW        := .venv-low
 LOW_TF     ?= transformers==5.2.*
-LOW_TESTS  := tests/test_config.py tests/test_scoring.py tests/test_cache.py tests/test_families.py tests/test_workloads.py
+LOW_TESTS  := tests/test_config.py tests/test_scoring.py tests/test_cache.py tests/test_families.py tests/test_workloads.py \
+              tests/test_batching.py
 
 $(LOW)/.installed: $(STAMP)
 	@test -x $(LOW)/bin/python || python3 -m venv --system-site-packages $(LOW)

@@ -355,8 +355,9 @@ def evaluate(model: Any, tokenizer: Any, *, tasks: Sequence[str] = TASKS, polici
              gen_len: int = 128, windows: int = 4, retrieval_lengths: Sequence[int] = (256, 512),
              retrieval_depths: Sequence[float] = (0.1, 0.5, 0.9), retrieval_samples: int = 2,
              lm_eval_tasks: Sequence[str] | None = None, lm_eval_limit: int | None = 20,
-             lm_eval_budgets: Sequence[float] | None = None, h2o_options: dict | None = None, seed: int = 0,
-             model_name: str = "model", progress: bool = True) -> dict[str, Any]:
+             lm_eval_budgets: Sequence[float] | None = None, lm_eval_include_path: str | None = None,
+             h2o_options: dict | None = None, seed: int = 0, model_name: str = "model", progress: bool = True
+             ) -> dict[str, Any]:
     """Run the chosen tasks for every (policy, budget); returns ``{"settings", "rows", "bars", ...}``."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -378,7 +379,7 @@ def evaluate(model: Any, tokenizer: Any, *, tasks: Sequence[str] = TASKS, polici
         lm_configs = configurations(policies, check_budgets(lm_eval_budgets) if lm_eval_budgets else budgets)
         for policy, budget in tqdm(lm_configs, desc="lm-eval", disable=not progress):
             metrics = run_lm_eval(model, tokenizer, tasks=lm_eval_tasks, policy=policy, budget=budget,
-                                  limit=lm_eval_limit, h2o_options=h2o_options)
+                                  limit=lm_eval_limit, h2o_options=h2o_options, include_path=lm_eval_include_path)
             rows.append({"task": "lm_eval", "policy": policy, "budget": budget, "metrics": metrics})
     settings = {"model": model_name, "tasks": list(tasks), "policies": policies, "budgets": budgets,
                 "prompt_len": prompt_len, "gen_len": gen_len, "windows": windows,
@@ -432,6 +433,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-eval-tasks", type=_strs, default=None,
                         help="lm-eval task names (default: the project's local tasks in eval/tasks); standard "
                              "tasks work when their datasets are available locally")
+    parser.add_argument("--lm-eval-data", action="append", default=[], metavar="TASK=FILE",
+                        help="run lm-eval's standard TASK (e.g. copa, piqa) on FILE, a local JSONL export of the "
+                             "split to evaluate with the dataset's own fields, instead of the unreachable hub; "
+                             "repeat for several tasks (they run as TASK_local)")
     parser.add_argument("--lm-eval-limit", type=int, default=20, help="lm-eval: documents per task (default 20)")
     parser.add_argument("--lm-eval-budgets", type=_floats, default=None,
                         help="lm-eval: budgets to run (default: --budgets)")
@@ -456,12 +461,25 @@ def run_cli(args: argparse.Namespace) -> int:
                                      ("sink_tokens", args.sink_tokens)) if v is not None}
     if args.seed:
         h2o_options["seed"] = args.seed
+    lm_eval_tasks, include_path = args.lm_eval_tasks, None
+    if args.lm_eval_data:
+        from .lm_eval_tasks import localize_standard_task
+
+        include_path = str(Path(args.output) / "lm_eval_local_tasks")
+        local = []
+        for item in args.lm_eval_data:
+            task, sep, data = item.partition("=")
+            if not sep or not task or not data:
+                raise ValueError(f"--lm-eval-data expects TASK=FILE, got {item!r}")
+            local.append(localize_standard_task(task, data, include_path))
+        lm_eval_tasks = [*(lm_eval_tasks or []), *local]
     results = evaluate(
         model, tokenizer, tasks=args.tasks, policies=args.policies, budgets=args.budgets,
         text=load_text(args.text) if args.text else None, prompt_len=args.prompt_len, gen_len=args.gen_len,
         windows=args.windows, retrieval_lengths=args.retrieval_lengths, retrieval_depths=args.retrieval_depths,
-        retrieval_samples=args.retrieval_samples, lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
-        lm_eval_budgets=args.lm_eval_budgets, h2o_options=h2o_options, seed=args.seed,
+        retrieval_samples=args.retrieval_samples, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
+        lm_eval_budgets=args.lm_eval_budgets, lm_eval_include_path=include_path, h2o_options=h2o_options,
+        seed=args.seed,
         model_name=args.model or "embedded SmolLM2-135M-Instruct (fp32)", progress=not args.no_progress)
     paths = write_report(results, args.output)
     print(paths["md"].read_text())

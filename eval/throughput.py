@@ -279,8 +279,9 @@ def largest_batch(peak_of: Callable[[int], float], budget: float, start: int, ma
     """Largest ``b <= max_batch`` whose measured ``peak_of(b)`` is within ``budget`` (0 if none is).
 
     A batch's peak memory is close to linear in the batch, and each probe costs a prefill of that whole batch, so
-    the search measures ``start`` and ``2 * start``, extrapolates the line to the budget, and then measures its
-    way from that guess to the answer, which is always confirmed by probes on both sides of it.
+    the search fits a line through the probe at ``start`` and the probe farthest from it, jumps to where the line
+    meets the budget, and refits after every probe. It ends only when a fitting batch and the batch after it
+    (or ``max_batch``) have both been measured.
     """
     peaks: dict[int, float] = {}
 
@@ -294,20 +295,18 @@ def largest_batch(peak_of: Callable[[int], float], budget: float, start: int, ma
         while b > 0 and not fits(b):
             b -= 1
         return b
-    second = min(2 * start, max_batch)
-    if second == start:
-        return start
-    fits(second)
-    slope = (peaks[second] - peaks[start]) / (second - start)
-    guess = max_batch if slope <= 0 else start + int((budget - peaks[start]) / slope)
-    b = min(max(guess, start), max_batch)
-    if fits(b):
-        while b < max_batch and fits(b + 1):
-            b += 1
-    else:
-        while b > start and not fits(b):
-            b -= 1
-    return b
+    lo, hi = start, max_batch + 1  # lo fits; hi is the smallest batch known not to (or past the cap)
+    b = min(2 * start, max_batch)
+    while lo < b < hi:  # every batch strictly between lo and hi is still unmeasured
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+        far = max(peaks, key=lambda k: abs(k - start))
+        slope = (peaks[far] - peaks[start]) / (far - start) if far != start else 0.0
+        guess = max_batch if slope <= 0 else start + int((budget - peaks[start]) / slope)
+        b = min(max(guess, lo + 1), hi - 1)
+    return lo
 
 
 def probe_peak(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, budget: float | None,

@@ -83,8 +83,16 @@ def test_largest_batch():
     assert throughput.largest_batch(lambda b: 1.0 + 0.5 * b, 2.1, 4, 64) == 2
     assert throughput.largest_batch(lambda b: 100.0, 1.0, 4, 64) == 0
     assert throughput.largest_batch(lambda b: 1.0, 2.0, 4, 64) == 64
-    # not linear: the walk from the guess still lands on the true boundary
+    # not linear: refitting after each probe still lands on the true boundary
     assert throughput.largest_batch(lambda b: 1.0 + 0.1 * b * b, 9.0, 2, 64) == 8
+    # a noisy first probe skews the first fit; refitting against the farthest probe recovers in a few probes
+    calls.clear()
+
+    def noisy(b):
+        calls.append(b)
+        return 2.3 + 0.038 * b + (0.05 if b == 4 else 0.0)
+
+    assert throughput.largest_batch(noisy, 3.4, 4, 64) == 28 and len(calls) <= 5
 
 
 def test_isolated_probe_and_micro_batched_runs(tiny, tmp_path):
