@@ -27,17 +27,24 @@ from .cache import H2OCache
 from .compat import cache_kwargs
 
 
-def concatenate_caches(caches: Sequence[Any]) -> Any:
+def concatenate_caches(caches: Sequence[Any], *, release: bool = False) -> Any:
     """One cache holding the sequences of ``caches`` in order: ``H2OCache`` or plain (full-attention)
-    ``DynamicCache`` objects of prompts with one padded width."""
+    ``DynamicCache`` objects of prompts with one padded width.
+
+    ``release=True`` empties each source layer once it is copied: joining then needs one layer of extra memory,
+    not a second copy of every cache (which, for a full cache, would double the peak it is measured by).
+    """
     if caches and all(isinstance(c, H2OCache) for c in caches):
-        return H2OCache.concatenate(caches)
+        return H2OCache.concatenate(caches, release=release)
     if caches and all(type(c) is DynamicCache and all(type(layer) is DynamicLayer for layer in c.layers)
                       for c in caches):
         out = DynamicCache()
         for i in range(len(caches[0].layers)):
             out.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]),
                        i)
+            if release:
+                for c in caches:
+                    c.layers[i] = DynamicLayer()
         return out
     raise ValueError(
         "concatenate_caches: expects H2OCache objects, or DynamicCache objects with full-attention layers only, "
@@ -73,4 +80,4 @@ def prefill_in_micro_batches(
                     **cache_kwargs(cache))
         caches.append(cache)
         logits.append(out.logits[:, -1])
-    return (caches[0] if len(caches) == 1 else concatenate_caches(caches)), torch.cat(logits)
+    return (caches[0] if len(caches) == 1 else concatenate_caches(caches, release=True)), torch.cat(logits)

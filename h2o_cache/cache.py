@@ -386,15 +386,24 @@ class H2OCache(Cache):
         return keys, values
 
     @classmethod
-    def concatenate(cls, caches: Sequence[H2OCache]) -> H2OCache:
-        """One cache holding the sequences of ``caches`` in order (batch axis); see ``H2OLayer.concatenate``."""
+    def concatenate(cls, caches: Sequence[H2OCache], *, release: bool = False) -> H2OCache:
+        """One cache holding the sequences of ``caches`` in order (batch axis); see ``H2OLayer.concatenate``.
+
+        ``release=True`` empties each source layer once it is copied, so joining costs one layer of extra memory
+        instead of a second copy of every cache (the sources are left empty).
+        """
         if not caches:
             raise ValueError("H2OCache.concatenate: caches is empty")
         first = caches[0]
         if any(c.h2o_config != first.h2o_config or len(c.layers) != len(first.layers) for c in caches):
             raise ValueError("H2OCache.concatenate: the caches differ in H2OConfig or number of layers")
         out = cls(None, first.h2o_config, prompt_length=first.prompt_length)
-        out.layers = [H2OLayer.concatenate([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+        out.layers = []
+        for i in range(len(first.layers)):
+            out.layers.append(H2OLayer.concatenate([c.layers[i] for c in caches]))
+            if release:
+                for c in caches:
+                    c.layers[i] = c._new_layer(i)
         return out
 
     # ---- reporting ------------------------------------------------------------------------------------------

@@ -99,8 +99,10 @@ def main() -> None:
 | left padding | yes: pads never attended to, score 0, evicted before any real token, never protected as recent |
 | ratio budget with padding | budget = ratio x padded prompt width, the same for every row (use heavy_budget/recent_budget for per-row equality) |
 | second `generate` on the same cache | yes (exact at full budget; budget kept at 20%) |
+| chunked prefill (`prefill_chunk_size`) | yes: ratio budgets resolve against the whole prompt; a user's cache needs `prompt_length` (else a clear error) |
+| micro-batched prefill (`prefill_in_micro_batches`) | yes: every per-token tensor equals a whole-batch prefill; generate continues identically (also for `DynamicCache`) |
 | long generation (8x the budget) | yes: constant stored size and kv_bytes |
-| fp16 / bf16 models | yes: scores float32, finite, bounded by tokens seen |
+| fp16 / bf16 models | yes: scores float32, finite, bounded by tokens seen; eager's rounded weights are not used as scores |
 | assisted / speculative decoding, prompt lookup | refused before generating (needs `crop`; evicted tokens cannot return) |
 | contrastive search | refused before generating (rolls the cache back); transformers 5 also needs its hub repo |
 | `crop(n)`, n != 0 | `ValueError`; `is_croppable = False` |

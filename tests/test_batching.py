@@ -69,3 +69,22 @@ def test_concatenation_refuses_what_cannot_be_joined():
         concatenate_caches([short, DynamicCache()])
     with pytest.raises(ValueError, match="micro_batch must be an integer >= 1"):
         prefill_in_micro_batches(model, prompt_ids(2, 8), new, micro_batch=0)
+
+
+def test_release_empties_the_sources_layer_by_layer():
+    model = make_model("llama")
+    parts = []
+    for seed in (1, 2):
+        for cache in (H2OCache(model.config, heavy_budget=4, recent_budget=4), DynamicCache()):
+            with torch.no_grad():
+                model(prompt_ids(1, 20, seed=seed), **cache_kwargs(cache))
+            parts.append(cache)
+    h2o, dyn = parts[0::2], parts[1::2]
+    kept = concatenate_caches(h2o)  # without release the sources stay intact
+    assert all(layer.is_initialized for c in h2o for layer in c.layers)
+    joined = concatenate_caches(h2o, release=True)
+    assert all(not layer.is_initialized for c in h2o for layer in c.layers)
+    for a, b in zip(joined.layers, kept.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.scores, b.scores)
+    joined = concatenate_caches(dyn, release=True)
+    assert joined.layers[0].keys.shape[0] == 2 and all(not layer.is_initialized for c in dyn for layer in c.layers)
