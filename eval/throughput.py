@@ -364,18 +364,25 @@ def _probe_main(spec: dict[str, Any]) -> None:
 
 def same_memory(model: Any, *, budget_gib: float, prompt_len: int, gen: int, h2o_budget: float, start_batch: int,
                 max_batch: int, probe: Callable[..., dict[str, Any]], tokenizer: Any,
-                measure_kwargs: dict[str, Any], progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                measure_kwargs: dict[str, Any], progress: Callable[[str], None] = lambda s: None,
+                known: dict[tuple[str, int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Largest batch within ``budget_gib`` for the full cache and for H2O, and a measured run at each.
 
-    ``probe(cache=..., batch=..., budget=...)`` returns a ``probe_peak`` record.
+    ``probe(cache=..., batch=..., budget=...)`` returns a ``probe_peak`` record. ``known`` holds probes already
+    made, by ``(cache, batch)``: when the budget was derived from a probe, that probe is reused rather than
+    measured again, since two fresh processes' peaks differ by a few percent and a second probe of the batch
+    that defines the budget could land just above it.
     """
+    known = dict(known or {})
     out: dict[str, Any] = {"budget_gib": budget_gib, "prompt_len": prompt_len, "gen": gen, "probes": {}, "runs": {}}
     for cache in ("dynamic", "h2o"):
         probes = []
 
         def peak_of(b: int, cache=cache, probes=probes) -> float:
             progress(f"same-memory probe {cache} batch {b}")
-            p = probe(cache=cache, batch=b, budget=h2o_budget if cache == "h2o" else None)
+            p = known.pop((cache, b), None)
+            if p is None:
+                p = probe(cache=cache, batch=b, budget=h2o_budget if cache == "h2o" else None)
             p["fits"] = p["peak_gib"] <= budget_gib
             probes.append(p)
             return p["peak_gib"]
@@ -632,14 +639,16 @@ def run_benchmark(args: argparse.Namespace, model: Any = None, tokenizer: Any = 
     if args.same_memory_gib is not None:
         budget_gib = args.same_memory_gib
         budget_source = f"--same-memory-gib {budget_gib}"
+        known = {}
         if budget_gib <= 0:  # auto: what the full cache needs at the bars batch, probed the same way, +2%
             bar.set_postfix_str("same-memory budget probe")
-            budget_gib = probe(cache="dynamic", batch=args.bars_batch, budget=None)["peak_gib"] * 1.02
+            known[("dynamic", args.bars_batch)] = probe(cache="dynamic", batch=args.bars_batch, budget=None)
+            budget_gib = known[("dynamic", args.bars_batch)]["peak_gib"] * 1.02
             budget_source = f"the full cache's probed peak at batch {args.bars_batch}, +2%"
         results["same_memory"] = same_memory(
             model, budget_gib=budget_gib, prompt_len=args.bars_prompt, gen=args.gen, h2o_budget=0.2,
             start_batch=args.bars_batch, max_batch=args.max_batch, probe=probe, tokenizer=tok,
-            measure_kwargs=mk, progress=bar.set_postfix_str)
+            measure_kwargs=mk, progress=bar.set_postfix_str, known=known)
         results["same_memory"]["budget_source"] = budget_source
         bar.update()
     for system in args.systems:

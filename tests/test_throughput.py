@@ -95,6 +95,24 @@ def test_largest_batch():
     assert throughput.largest_batch(noisy, 3.4, 4, 64) == 28 and len(calls) <= 5
 
 
+def test_same_memory_reuses_the_probe_that_set_the_budget(tiny):
+    model, _ = tiny
+    calls = []
+
+    def probe(*, cache, batch, budget):  # every fresh probe reads 5% above the one that set the budget
+        calls.append((cache, batch))
+        per_seq = 0.1 if cache == "dynamic" else 0.02
+        return {"batch": batch, "peak_gib": (1.0 + per_seq * batch) * 1.05}
+
+    known = {("dynamic", 2): {"batch": 2, "peak_gib": 1.2}}
+    sm = throughput.same_memory(model, budget_gib=1.2 * 1.02, prompt_len=16, gen=2, h2o_budget=0.25, start_batch=2,
+                                max_batch=4, probe=probe, tokenizer=None, measure_kwargs={"warmup": 0, "repeats": 1},
+                                known=known)
+    assert sm["dynamic_max_batch"] == 2 and ("dynamic", 2) not in calls
+    assert sm["probes"]["dynamic"][0]["fits"] and sm["runs"]["dynamic"]["batch"] == 2
+    assert ("h2o", 2) in calls and sm["h2o_max_batch"] == 4
+
+
 def test_isolated_probe_and_micro_batched_runs(tiny, tmp_path):
     model, folder = tiny
     spec = dict(cache="h2o", batch=3, prompt_len=32, gen=4, budget=0.25, probe_steps=1, micro_batch=2)
