@@ -18,7 +18,7 @@ from test_workloads import left_padded
 from transformers import DynamicCache
 
 from h2o_cache import H2OCache
-from h2o_cache.compat import cache_kwargs
+from h2o_cache.compat import cache_kwargs, output_cache
 from h2o_cache.scoring import attention_with_mass, mass_from_weights
 
 pytestmark = [
@@ -54,14 +54,14 @@ def test_scoring_on_cuda_matches_eager():
 def test_sdpa_fp32_exact_at_full_budget_and_evicts_at_20_percent(family):
     model = make_model(family, "sdpa").cuda()
     ids = prompt_ids().cuda()
-    ref = greedy(model, ids, past_key_values=DynamicCache(config=model.config))
-    full = greedy(model, ids, past_key_values=H2OCache(model.config, heavy_budget=PROMPT + NEW,
-                                                        recent_budget=PROMPT + NEW))
+    ref = greedy(model, ids, **cache_kwargs(DynamicCache(config=model.config)))
+    full_budget = H2OCache(model.config, heavy_budget=PROMPT + NEW, recent_budget=PROMPT + NEW)
+    full = greedy(model, ids, **cache_kwargs(full_budget))
     assert torch.equal(full.sequences, ref.sequences)
     assert max_logit_diff(full, ref) < 1e-4  # TF32 matmuls may be on; CPU reaches 1e-5
 
     out = greedy(model, ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.1, "recent_ratio": 0.1})
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.tokens_kept() == 8 and all(layer.keys.device.type == "cuda" for layer in cache.layers)
     assert all(torch.isfinite(step).all() for step in out.logits)
 
@@ -84,10 +84,10 @@ def test_flash_attention_2_evicts_during_decoding():
     model = make_model("llama", "flash_attention_2", torch.float16).cuda()
     ids = prompt_ids().cuda()
     out = greedy(model, ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.1, "recent_ratio": 0.1})
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.budget() == 8 and cache.tokens_kept() == 8
     assert cache.get_seq_length() == PROMPT + NEW - 1
-    ref = greedy(model, ids, new_tokens=1, past_key_values=DynamicCache(config=model.config))
+    ref = greedy(model, ids, new_tokens=1, **cache_kwargs(DynamicCache(config=model.config)))
     # The prompt is attended in full by flash's own kernel before anything is evicted.
     torch.testing.assert_close(out.logits[0].float(), ref.logits[0].float(), atol=HALF_ATOL, rtol=0)
     assert all(torch.isfinite(step).all() for step in out.logits)
@@ -104,7 +104,7 @@ def test_flash_attention_2_left_padded_row_equals_the_row_alone():
     cache = H2OCache(model.config, **budgets)
     with torch.inference_mode():
         padded = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                                past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+                                output_logits=True, return_dict_in_generate=True, **cache_kwargs(cache))
     continuation = padded.sequences[1:, PROMPT:-1]
     alone = teacher_forced_logits(model, short_row[None].cuda(), continuation, H2OCache(model.config, **budgets))
     torch.testing.assert_close(torch.stack(padded.logits, 1)[1:].float(), alone, atol=HALF_ATOL, rtol=0)
