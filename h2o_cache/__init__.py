@@ -27,7 +27,11 @@ def enable() -> None:
 
 
 def disable() -> None:
-    """Revert the transformers patches: transformers behaves as if h2o_cache was never imported."""
+    """Revert the transformers patches: transformers behaves as if h2o_cache was never imported.
+
+    ``generate(cache_implementation="h2o")`` then fails with transformers' own "Invalid `cache_implementation`"
+    error, and an ``H2OCache`` is refused; call ``h2o_cache.enable()`` to use H2O again.
+    """
     from . import patches
 
     patches.revert()

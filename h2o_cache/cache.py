@@ -115,19 +115,24 @@ class H2OLayer(CacheLayerMixin):
         if self.awaiting_attention:
             raise RuntimeError(
                 f"H2OCache layer {self.layer_idx}: the previous step's attention never reached h2o-cache's scoring "
-                "attention. The model's attention bypasses transformers' attention registry (or h2o_cache.disable() "
-                "was called); H2O supports attn_implementation in "
-                "['sdpa', 'eager', 'flash_attention_2', 'flash_attention_3', 'flash_attention_4']."
+                "attention, so the cache is left mid-step. If that forward raised an exception, call cache.reset() "
+                "(or create a new H2OCache) before using the cache again. Otherwise the model's attention bypasses "
+                "transformers' attention registry, or h2o_cache.disable() was called; H2O supports "
+                "attn_implementation in ['sdpa', 'eager', 'flash_attention_2', 'flash_attention_3', "
+                "'flash_attention_4']."
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.keys.shape[0] != key_states.shape[0]:
-            raise ValueError(
-                f"H2OCache: batch size {key_states.shape[0]} does not match the cache's batch size "
-                f"{self.keys.shape[0]}; create a new H2OCache (or call cache.reset()) for a different batch"
-            )
+        elif self.keys.is_inference() and not torch.is_inference_mode_enabled():
+            # Filled under torch.inference_mode() and continued outside it (a chat loop): inference tensors
+            # refuse the in-place writes of a decode step there, so continue on normal copies (once).
+            self._apply(torch.Tensor.clone)
+        if self.keys.shape[:2] != key_states.shape[:2] or self.keys.shape[-1] != key_states.shape[-1]:
+            self._check_shape(key_states)
         q_len = key_states.shape[-2]
         if self.heavy is None:
+            if self.layer_idx == 0:
+                self.config.warn_if_small(self.prompt_length or q_len)
             heavy, recent = self.config.token_budgets(self.prompt_length or q_len)
             self.heavy, self.recent = self.policy.split(heavy, recent, self.config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
@@ -159,6 +164,18 @@ class H2OLayer(CacheLayerMixin):
         self.new_tokens = q_len
         self.awaiting_attention = True
         return self.keys, self.values
+
+    def _check_shape(self, key_states: torch.Tensor) -> None:
+        if self.keys.shape[0] != key_states.shape[0]:
+            raise ValueError(
+                f"H2OCache: batch size {key_states.shape[0]} does not match the cache's batch size "
+                f"{self.keys.shape[0]}; create a new H2OCache (or call cache.reset()) for a different batch"
+            )
+        raise ValueError(
+            f"H2OCache layer {self.layer_idx}: keys of {key_states.shape[1]} KV heads x {key_states.shape[-1]} "
+            f"dims do not match the {self.keys.shape[1]} x {self.keys.shape[-1]} this cache holds: one H2OCache "
+            "serves one model; create a new H2OCache (or call cache.reset()) for another model"
+        )
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # transformers < 5.3 passes the queries' cache_position (a 1-D tensor) instead of their count.
@@ -197,7 +214,8 @@ class H2OLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self._apply(lambda t: t[indices])
+            # `[indices, ...]`, as DynamicLayer: a tuple of rows must select rows, not index several dimensions.
+            self._apply(lambda t: t[indices, ...])
 
     def offload(self) -> None:
         if self.is_initialized:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import numbers
+import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 POLICIES = ("h2o", "h2o_no_recent", "local", "streaming", "random")
 GQA_AGGREGATIONS = ("mean", "max")
@@ -17,6 +22,10 @@ DEFAULT_RECENT_RATIO = 0.1
 # ops that touch them: on the development machine (2 MiB of L2 per core) blocks of 4-9 MiB ran 1.3-1.7x faster
 # than blocks of 18-72 MiB, at every batch and prompt length measured.
 DEFAULT_PREFILL_CHUNK_BYTES = 8 * 2**20
+
+# Ratio budgets below this many tokens (short prompts) are logged as a warning: a 42-token chat prompt at
+# 10% + 10% keeps 8 tokens for the whole generation, and its answers degrade visibly.
+SMALL_BUDGET_WARNING = 32
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,13 @@ class H2OConfig:
         prefill_chunk_bytes: the most bytes one chunk's float32 attention block may take when
             ``prefill_chunk_size`` is None (default 8 MiB, sized to stay in the CPU's cache).
         seed: seed of the ``random`` policy.
+        min_budget: a floor, in tokens, for ratio budgets (0: none): when the ratios give a prompt fewer tokens,
+            the cache keeps ``min_budget`` tokens instead, split between heavy and recent in the ratios'
+            proportion. Ratio budgets under ``SMALL_BUDGET_WARNING`` tokens without a floor are logged as a
+            warning. Absolute budgets are taken as given.
+
+    Integer options accept any integer type (``numpy.int64``, a one-element integer tensor) and are stored as
+    ``int``; ratios accept any real number and are stored as ``float``.
     """
 
     heavy_ratio: float | None = None
@@ -57,8 +73,14 @@ class H2OConfig:
     prefill_chunk_size: int | None = None
     prefill_chunk_bytes: int = DEFAULT_PREFILL_CHUNK_BYTES
     seed: int = 0
+    min_budget: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("heavy_budget", "recent_budget", "sink_tokens", "prefill_chunk_size", "prefill_chunk_bytes",
+                     "seed", "min_budget"):
+            object.__setattr__(self, name, _as_int(getattr(self, name)))
+        for name in ("heavy_ratio", "recent_ratio"):
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
         ratios = (self.heavy_ratio, self.recent_ratio)
         budgets = (self.heavy_budget, self.recent_budget)
         uses_ratio = any(r is not None for r in ratios)
@@ -91,6 +113,11 @@ class H2OConfig:
                     raise ValueError(f"H2OConfig: {name} must be an integer >= 0, got {value!r}")
             if self.heavy_budget + self.recent_budget == 0:
                 raise ValueError("H2OConfig: heavy_budget + recent_budget must be >= 1 (got 0 + 0)")
+            if self.min_budget:
+                raise ValueError(
+                    f"H2OConfig: min_budget (got {self.min_budget!r}) is a floor for heavy_ratio/recent_ratio; "
+                    "with heavy_budget/recent_budget give the tokens you want directly"
+                )
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
         _check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
@@ -99,6 +126,7 @@ class H2OConfig:
         if self.prefill_chunk_size is not None:
             _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("min_budget", self.min_budget, 0)
 
     @property
     def uses_ratios(self) -> bool:
@@ -110,13 +138,33 @@ class H2OConfig:
             return self.heavy_budget, self.recent_budget
         heavy = int(self.heavy_ratio * prompt_length)
         recent = int(self.recent_ratio * prompt_length)
+        if heavy + recent < self.min_budget:
+            heavy = round(self.min_budget * self.heavy_ratio / (self.heavy_ratio + self.recent_ratio))
+            recent = self.min_budget - heavy
         if heavy + recent == 0:  # a tiny prompt must still leave room for the token being written
             recent = 1
         return heavy, recent
 
+    def warn_if_small(self, prompt_length: int) -> None:
+        """Log a warning when ratio budgets leave a short prompt only a handful of tokens (once per cache)."""
+        heavy, recent = self.token_budgets(prompt_length)
+        if self.uses_ratios and heavy + recent < min(SMALL_BUDGET_WARNING, prompt_length):
+            logger.warning(
+                "H2O: heavy_ratio=%g + recent_ratio=%g of a %d-token prompt keep only %d tokens for the whole "
+                "generation, which degrades answers; set min_budget (e.g. %d) or give heavy_budget/recent_budget",
+                self.heavy_ratio, self.recent_ratio, prompt_length, heavy + recent, SMALL_BUDGET_WARNING,
+            )
+
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> H2OConfig:
         """Build from ``cache_config`` (``generate(..., cache_config={...})``), rejecting unknown keys."""
+        if isinstance(options, H2OConfig):
+            return options
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(
+                f"cache_config must be a dict of H2OConfig options (e.g. {{'heavy_ratio': 0.1, 'recent_ratio': 0.1}})"
+                f" or an H2OConfig, got {type(options).__name__} {options!r}"
+            )
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
@@ -126,6 +174,28 @@ class H2OConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _as_int(value: Any) -> Any:
+    """An integer of any type (numpy, a one-element tensor) as ``int``; anything else unchanged, for the checks."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _as_float(value: Any) -> Any:
+    """A real number of any type (numpy, a one-element tensor) as ``float``; anything else unchanged."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "numel", None) is not None and getattr(value, "is_floating_point", None) is not None:
+        if value.numel() == 1 and value.is_floating_point():
+            return float(value.item())
+    return value
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -5,6 +5,7 @@ Called by the patched ``GenerationMixin._prepare_cache_for_generation`` (see ``p
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from transformers.generation.configuration_utils import GenerationMode
@@ -12,7 +13,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from .cache import H2OCache
 from .compat import CACHE_ARG
 from .config import H2OConfig
-from .support import SUPPORTED_ATTENTION
+from .support import OUTPUT_ATTENTIONS_ERROR, SUPPORTED_ATTENTION, check_model_config
 
 H2O_CACHE_IMPLEMENTATION = "h2o"
 
@@ -42,7 +43,12 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
     user_cache = model_kwargs.get(CACHE_ARG)
     wants_h2o = generation_config.cache_implementation == H2O_CACHE_IMPLEMENTATION
     if not wants_h2o and not isinstance(user_cache, H2OCache):
+        _check_orphan_cache_config(generation_config)
         return False
+    if generation_config.output_attentions:
+        raise ValueError(OUTPUT_ATTENTIONS_ERROR)
+    if not wants_h2o:
+        check_model_config(model.config)  # a user's cache may have been created without the config
     if wants_h2o and user_cache is not None:
         raise ValueError(
             f"cache_implementation='h2o' builds its own cache: do not also pass {CACHE_ARG} "
@@ -78,6 +84,19 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
     prompt_length = _prompt_length(generation_config, model_kwargs) if chunked_prefill else None
     model_kwargs[CACHE_ARG] = H2OCache(model.config, h2o_config, prompt_length=prompt_length)
     return True
+
+
+def _check_orphan_cache_config(generation_config: Any) -> None:
+    """transformers ignores ``cache_config`` without ``cache_implementation``: refuse it when it holds H2O options."""
+    options = getattr(generation_config, "cache_config", None)
+    if generation_config.cache_implementation is not None or not options:
+        return
+    h2o_keys = {f.name for f in fields(H2OConfig)}
+    if isinstance(options, H2OConfig) or (isinstance(options, dict) and set(options) <= h2o_keys):
+        raise ValueError(
+            "cache_config holds H2O options but cache_implementation is not set, so it would be ignored: pass "
+            "cache_implementation='h2o' as well"
+        )
 
 
 def _prompt_length(generation_config: Any, model_kwargs: dict) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 _NEG = torch.finfo(torch.float32).min
+_FP16_HEADROOM = 256.0
 
 
 # Past ~128 queries per chunk nothing is gained, and the causal skipping gets coarse (keys beyond a chunk's last
@@ -61,6 +62,10 @@ def attention_with_mass(
     chunk = q_len if chunk_size is None else max(1, min(chunk_size, q_len))
     grouped = query.view(bsz, hkv, groups, q_len, dim)
 
+    # float16 logits overflow to inf (then NaN after softmax) past 65504, where sdpa, which accumulates in float32,
+    # stays finite. The matmul computes q.k / 2^8 and the float32 logits get the 2^8 back: a power of two is exact,
+    # and the range grows to ~1.7e7 at no cost in relative precision (bfloat16 has float32's range already).
+    fp16_headroom = _FP16_HEADROOM if query.dtype == torch.float16 else 1.0
     outs: list[torch.Tensor] = []
     mass = torch.zeros(bsz, hkv, k_len, dtype=torch.float32, device=query.device) if need_mass else None
     key_t = key.transpose(-1, -2)
@@ -71,8 +76,10 @@ def attention_with_mass(
         rows = end - start
         visible = past + end  # keys past the chunk's last query are masked for all of its rows
         # Scaling the (small) queries instead of the (large) logits saves a pass over the logits.
-        q_chunk = (grouped[:, :, :, start:end] * scaling).reshape(bsz, hkv, groups * rows, dim)
+        q_chunk = (grouped[:, :, :, start:end] * (scaling / fp16_headroom)).reshape(bsz, hkv, groups * rows, dim)
         logits = torch.matmul(q_chunk, key_t[..., :visible]).float()
+        if fp16_headroom != 1.0:
+            logits.mul_(fp16_headroom)
         logits5 = logits.view(bsz, hkv, groups, rows, visible)
         if rows > 1:  # only the chunk's own keys (its last `rows` columns) can lie in a query's future
             future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)

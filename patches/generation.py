@@ -41,12 +41,31 @@ def apply() -> None:
 
     @functools.wraps(_original_validate_mode)
     def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
-        check_cache_preparation(self, generation_config, type(self)._prepare_cache_for_generation is patched)
+        check_cache_preparation(self, generation_config, _runs_patched_preparation(type(self)))
         return _original_validate_mode(self, generation_mode, generation_config, *args, **kwargs)
 
-    patched = _prepare_cache_for_generation
+    _prepare_cache_for_generation._h2o_patched = True
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
     GenerationMixin._validate_generation_mode = _validate_generation_mode
+
+
+def _runs_patched_preparation(cls: type) -> bool:
+    """Whether ``cls._prepare_cache_for_generation`` reaches this patch.
+
+    Not an identity test: another library may wrap the method after ``import h2o_cache``. It does reach the patch
+    when no model class overrides GenerationMixin's method, or when the wrappers chain (``__wrapped__``) to it.
+    """
+    owner = next((c for c in cls.__mro__ if "_prepare_cache_for_generation" in vars(c)), None)
+    if owner is GenerationMixin:
+        return True
+    fn = cls._prepare_cache_for_generation
+    for _ in range(32):  # a chain of wrappers is short; a cycle must not hang generate
+        if getattr(fn, "_h2o_patched", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
 
 
 def revert() -> None:
