@@ -52,7 +52,8 @@ def concatenate_caches(caches: Sequence[Any], *, release: bool = False) -> Any:
     )
 
 
-# no_grad, not inference_mode: generate() must be able to update the cache in place afterwards.
+# no_grad rather than inference_mode: generate() updates the cache in place afterwards, which inference tensors
+# allow outside inference_mode only after a copy (H2OLayer makes it, once; a caller may still wrap this call).
 @torch.no_grad()
 def prefill_in_micro_batches(
     model: Any,

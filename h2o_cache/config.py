@@ -26,6 +26,8 @@ DEFAULT_PREFILL_CHUNK_BYTES = 8 * 2**20
 # Ratio budgets below this many tokens (short prompts) are logged as a warning: a 42-token chat prompt at
 # 10% + 10% keeps 8 tokens for the whole generation, and its answers degrade visibly.
 SMALL_BUDGET_WARNING = 32
+# Configs already warned about: an evaluation over many short prompts would otherwise log once per generate.
+_warned_small: set = set()
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,10 @@ class H2OConfig:
         return heavy, recent
 
     def warn_if_small(self, prompt_length: int) -> None:
-        """Log a warning when ratio budgets leave a short prompt only a handful of tokens (once per cache)."""
+        """Log a warning when ratio budgets leave a short prompt only a handful of tokens (once per config)."""
         heavy, recent = self.token_budgets(prompt_length)
-        if self.uses_ratios and heavy + recent < min(SMALL_BUDGET_WARNING, prompt_length):
+        if self.uses_ratios and heavy + recent < min(SMALL_BUDGET_WARNING, prompt_length) and self not in _warned_small:
+            _warned_small.add(self)
             logger.warning(
                 "H2O: heavy_ratio=%g + recent_ratio=%g of a %d-token prompt keep only %d tokens for the whole "
                 "generation, which degrades answers; set min_budget (e.g. %d) or give heavy_budget/recent_budget",
