@@ -131,6 +131,10 @@ class H2OLayer(CacheLayerMixin):
             self._check_shape(key_states)
         q_len = key_states.shape[-2]
         if self.heavy is None:
+            from . import patches_enabled
+
+            if not patches_enabled():  # else the whole prefill runs before the unclaimed layer is noticed
+                raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before using an H2OCache")
             if self.layer_idx == 0:
                 self.config.warn_if_small(self.prompt_length or q_len)
             heavy, recent = self.config.token_budgets(self.prompt_length or q_len)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from transformers.generation import configuration_utils
 from transformers.generation.utils import GenerationMixin
@@ -22,6 +23,7 @@ from h2o_cache.generation import H2O_CACHE_IMPLEMENTATION, check_cache_preparati
 _original_prepare = None
 _original_validate_mode = None
 _original_implementations: tuple[str, ...] | None = None
+_wrappers: dict[str, Callable] = {}  # name -> this patch's wrapper, for revert()
 
 
 def apply() -> None:
@@ -33,18 +35,27 @@ def apply() -> None:
     _original_prepare = GenerationMixin._prepare_cache_for_generation
     _original_validate_mode = GenerationMixin._validate_generation_mode
 
-    @functools.wraps(_original_prepare)
+    original_prepare, original_validate = _original_prepare, _original_validate_mode
+    # Each wrapper keeps its own original and an `_h2o_active` flag: if another library wrapped the method after
+    # this patch, revert() cannot take the patch out of the chain without dropping that library's wrapper, so it
+    # leaves the patch in place, inert.
+    @functools.wraps(original_prepare)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
-        if prepare_h2o_cache(self, generation_config, model_kwargs, generation_mode):
+        if _prepare_cache_for_generation._h2o_active and prepare_h2o_cache(
+            self, generation_config, model_kwargs, generation_mode
+        ):
             return None
-        return _original_prepare(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        return original_prepare(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
 
-    @functools.wraps(_original_validate_mode)
+    @functools.wraps(original_validate)
     def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
-        check_cache_preparation(self, generation_config, _runs_patched_preparation(type(self)))
-        return _original_validate_mode(self, generation_mode, generation_config, *args, **kwargs)
+        if _validate_generation_mode._h2o_active:
+            check_cache_preparation(self, generation_config, _runs_patched_preparation(type(self)))
+        return original_validate(self, generation_mode, generation_config, *args, **kwargs)
 
-    _prepare_cache_for_generation._h2o_patched = True
+    for wrapper in (_prepare_cache_for_generation, _validate_generation_mode):
+        wrapper._h2o_patched = wrapper._h2o_active = True
+        _wrappers[wrapper.__name__] = wrapper
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
     GenerationMixin._validate_generation_mode = _validate_generation_mode
 
@@ -60,7 +71,7 @@ def _runs_patched_preparation(cls: type) -> bool:
         return True
     fn = cls._prepare_cache_for_generation
     for _ in range(32):  # a chain of wrappers is short; a cycle must not hang generate
-        if getattr(fn, "_h2o_patched", False):
+        if getattr(fn, "_h2o_active", False):
             return True
         fn = getattr(fn, "__wrapped__", None)
         if fn is None:
@@ -72,7 +83,13 @@ def revert() -> None:
     global _original_prepare, _original_validate_mode, _original_implementations
     if _original_prepare is None:
         return
-    GenerationMixin._prepare_cache_for_generation = _original_prepare
-    GenerationMixin._validate_generation_mode = _original_validate_mode
+    for name, original in (("_prepare_cache_for_generation", _original_prepare),
+                           ("_validate_generation_mode", _original_validate_mode)):
+        # Identity, not the marker: functools.wraps copies the marker onto a wrapper of this wrapper.
+        if GenerationMixin.__dict__[name] is _wrappers[name]:
+            setattr(GenerationMixin, name, original)
+        else:  # wrapped by someone else since: keep their wrapper, make ours inert
+            _wrappers[name]._h2o_active = False
+    _wrappers.clear()
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = _original_implementations
     _original_prepare = _original_validate_mode = _original_implementations = None

@@ -233,3 +233,31 @@ def test_disable_documents_how_to_get_h2o_back(tiny_llama):
             greedy(tiny_llama, ids_of(), cache_implementation="h2o")
     finally:
         h2o_cache.enable()
+
+
+def test_disable_keeps_a_later_librarys_wrapper_and_enable_works_again(tiny_llama):
+    import functools
+
+    ours = GenerationMixin._prepare_cache_for_generation
+
+    @functools.wraps(ours)
+    def theirs(self, *args, **kwargs):
+        theirs.calls += 1
+        return ours(self, *args, **kwargs)
+
+    theirs.calls = 0
+    GenerationMixin._prepare_cache_for_generation = theirs
+    try:
+        h2o_cache.disable()
+        assert GenerationMixin._prepare_cache_for_generation is theirs  # not clobbered by the revert
+        assert isinstance(greedy(tiny_llama, ids_of())[0], torch.Tensor) and theirs.calls == 1
+        with pytest.raises(RuntimeError, match=r"call h2o_cache\.enable\(\)"):  # before any forward ran
+            tiny_llama(ids_of(), **cache_kwargs(H2OCache(tiny_llama.config)))
+        h2o_cache.enable()
+        cache = H2OCache(tiny_llama.config, heavy_budget=4, recent_budget=4)
+        greedy(tiny_llama, ids_of(), **cache_kwargs(cache))
+        assert cache.tokens_kept() == 8 and theirs.calls == 2
+    finally:
+        h2o_cache.disable()
+        GenerationMixin._prepare_cache_for_generation = ours.__wrapped__  # transformers' own
+        h2o_cache.enable()
