@@ -114,6 +114,37 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_parser(subparsers) -> None:
+    help_text = ("an OpenAI-compatible server (transformers serve) with H2O on by default; requests may send "
+                 "their own generation_config (cache_implementation, cache_config)")
+    parser = subparsers.add_parser("serve", help=help_text, description=help_text)
+    _add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
+    parser.add_argument("--no-h2o", action="store_true",
+                        help="serve the full cache by default (requests can still ask for H2O)")
+    parser.add_argument("--log-level", default="warning", help="server log level (default: %(default)s)")
+    add_h2o_options(parser)
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from transformers.utils.import_utils import is_serve_available
+
+    from .serving import serve
+
+    if not is_serve_available():
+        raise SystemExit('h2o-cache serve needs the serving extra: pip install "h2o-cache[serve]"')
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    h2o = None if args.no_h2o else h2o_config_from_args(args)
+    serve(args.model, h2o, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          attn_implementation=args.attn_implementation, log_level=args.log_level)
+    return 0
+
+
 def _print_table(rows: list[dict]) -> None:
     columns = list(rows[0])
     widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
@@ -135,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(subparsers, "demo", "the main job: a 2048-token question about the Python reference, "
                          "full cache vs H2O at a 20%% budget, outputs, KV bytes and tokens/s side by side",
                          prompt_tokens=2048, new_tokens=64)
+    _add_serve_parser(subparsers)
     for register in _tool_registrars():
         register(subparsers)
     return parser

@@ -6,15 +6,17 @@ Only adaptation lives here; the logic is in ``h2o_cache``. ``import h2o_cache`` 
 
 from __future__ import annotations
 
-from . import attention, generation
+from . import attention, continuous_batching, generation
 
 
 def apply() -> None:
     attention.apply()
     generation.apply()
+    continuous_batching.apply()
 
 
 def revert() -> None:
+    continuous_batching.revert()
     generation.revert()
     attention.revert()
 
