@@ -45,9 +45,10 @@ def new_token_validity(attention_mask: torch.Tensor | None, n_new: int) -> torch
     if attention_mask is None:
         return None
     compiling = torch.compiler.is_compiling()
-    ref, cached_n, cached = _last_mask
-    if not compiling and ref is not None and ref() is attention_mask and cached_n == n_new:
-        return cached
+    if not compiling:  # a traced step never reads the eager-side cache (dynamo would guard on it)
+        ref, cached_n, cached = _last_mask
+        if ref is not None and ref() is attention_mask and cached_n == n_new:
+            return cached
     if attention_mask.dim() == 2:
         valid = attention_mask[:, -n_new:].bool()
     elif attention_mask.dim() == 4:
