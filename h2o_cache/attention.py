@@ -44,9 +44,11 @@ def new_token_validity(attention_mask: torch.Tensor | None, n_new: int) -> torch
     global _last_mask
     if attention_mask is None:
         return None
-    ref, cached_n, cached = _last_mask
-    if ref is not None and ref() is attention_mask and cached_n == n_new:
-        return cached
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # a traced step never reads the eager-side cache (dynamo would guard on it)
+        ref, cached_n, cached = _last_mask
+        if ref is not None and ref() is attention_mask and cached_n == n_new:
+            return cached
     if attention_mask.dim() == 2:
         valid = attention_mask[:, -n_new:].bool()
     elif attention_mask.dim() == 4:
@@ -59,6 +61,9 @@ def new_token_validity(attention_mask: torch.Tensor | None, n_new: int) -> torch
             valid = diagonal > torch.finfo(diagonal.dtype).min / 2
     else:
         raise ValueError(f"H2O attention: unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    if compiling:
+        # A traced step cannot branch on the mask's values (a host sync and a graph break): it always masks.
+        return valid
     result = None if bool(valid.all()) else valid
     _last_mask = (weakref.ref(attention_mask), n_new, result)
     return result

@@ -17,8 +17,10 @@ accumulate -> evict. Eviction happens after the step has attended, and the newes
 protected recent window, so the token just written is never the one evicted.
 
 The link between ``update`` (which has no query) and the attention function (which gets no cache object): the
-cache marks the updated layer as *pending* in a context variable; the wrapped attention functions registered by
-``h2o_cache.patches`` claim it for the module with the same ``layer_idx``. A layer whose attention never claimed
+cache marks the updated layer as *pending* in a thread-local slot; the wrapped attention functions registered by
+``h2o_cache.patches`` claim it for the module with the same ``layer_idx``. A thread-local attribute, not a
+``ContextVar``: dynamo traces (and guards on) attribute reads and writes of a ``threading.local`` but cannot trace
+``ContextVar.get``, and the wrapper runs inside every model's forward, H2O or not, compiled or not. A layer whose attention never claimed
 it (a model whose attention bypasses transformers' attention registry) is reported at its next update.
 
 Masks: transformers builds one mask for all layers from ``get_mask_sizes`` and assumes stored tokens are
@@ -30,8 +32,8 @@ code reads only those columns (padding of the new tokens) and masks stored token
 
 from __future__ import annotations
 
-import contextvars
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,8 +45,8 @@ from .policies import get_policy
 
 logger = logging.getLogger(__name__)
 
-# The layer whose `update` ran last and whose attention has not consumed it yet.
-_PENDING: contextvars.ContextVar[H2OLayer | None] = contextvars.ContextVar("h2o_pending_layer", default=None)
+# `.layer`: the layer whose `update` ran last in this thread and whose attention has not consumed it yet.
+_PENDING = threading.local()
 
 _POS_INF = float("inf")
 
@@ -55,10 +57,10 @@ def claim_pending(layer_idx: int | None, key: torch.Tensor) -> H2OLayer | None:
     The step is recognised by the very key tensor ``update`` returned, so a layer left pending by a forward
     that failed can never be claimed by an unrelated attention call (e.g. a later forward with another cache).
     """
-    layer = _PENDING.get()
+    layer = getattr(_PENDING, "layer", None)
     if layer is None or layer.layer_idx != layer_idx or layer.keys is not key:
         return None
-    _PENDING.set(None)
+    _PENDING.layer = None
     layer.awaiting_attention = False
     return layer
 
@@ -67,7 +69,11 @@ class H2OLayer(CacheLayerMixin):
     """One layer's H2O storage and eviction (see the module docstring)."""
 
     is_sliding = False
-    is_compileable = False
+    # What transformers' generate(compile_config=...) asks: after prefill the layer holds a fixed budget + 1 slots
+    # and a decode step only writes into them in place (no host sync, no data-dependent Python branch), so the
+    # compiled decode step has static shapes and no graph break. Prefill and chunked steps (growing shapes) run
+    # uncompiled in generate, as for StaticCache.
+    is_compileable = True
     # Evicted tokens are gone, so a rollback (assisted decoding) cannot be honoured.
     is_croppable = False
 
@@ -404,7 +410,7 @@ class H2OCache(Cache):
             self.layers.append(self._new_layer(len(self.layers)))
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        _PENDING.set(layer)
+        _PENDING.layer = layer
         return keys, values
 
     @classmethod

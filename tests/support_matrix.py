@@ -106,8 +106,8 @@ def main() -> None:
 | assisted / speculative decoding, prompt lookup | refused before generating (needs `crop`; evicted tokens cannot return) |
 | contrastive search | refused before generating (rolls the cache back); transformers 5 also needs its hub repo |
 | `crop(n)`, n != 0 | `ValueError`; `is_croppable = False` |
-| static cache / `compile_config` | static + H2O: transformers refuses two caches; `compile_config` is skipped by transformers (`is_compileable = False`) |
-| `torch.compile(model.forward)` | works through graph breaks (checked manually with `backend="eager"`; not in the test suite: slow) |
+| static cache / `compile_config` | static + H2O: transformers refuses two caches; `generate(cache_implementation="h2o", compile_config=...)` compiles the decode step (`is_compileable = True`), `fullgraph=True`, tokens and logits equal to eager (tests/test_compile.py) |
+| `torch.compile(model.forward)` | decode step in one graph (`fullgraph=True`; one recompile when the step counter turns dynamic); a model without an H2OCache compiles exactly as without `h2o_cache` |
 | flash_attention_2/3/4 | wired, not run here (needs CUDA) |""")
     logging.getLogger(__name__).info("done in %.0f s", time.time() - start)
 
