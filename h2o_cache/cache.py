@@ -129,9 +129,11 @@ class H2OLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif self.keys.is_inference() and not torch.is_inference_mode_enabled():
+        elif (not torch.compiler.is_compiling() and self.keys.is_inference()
+              and not torch.is_inference_mode_enabled()):
             # Filled under torch.inference_mode() and continued outside it (a chat loop): inference tensors
-            # refuse the in-place writes of a decode step there, so continue on normal copies (once).
+            # refuse the in-place writes of a decode step there, so continue on normal copies (once). Dynamo
+            # cannot trace is_inference(); a compiled step never runs on inference tensors (compile refuses them).
             self._apply(torch.Tensor.clone)
         if self.keys.shape[:2] != key_states.shape[:2] or self.keys.shape[-1] != key_states.shape[-1]:
             self._check_shape(key_states)
