@@ -103,6 +103,10 @@ def test_kernel_matches_torch_path(kernel_results, name, dtype_name):
     out, mass = kernel_results[(name, dtype_name)]
     ref_out, ref_mass = attention_with_mass(*args, **kwargs)
 
+    _check(out, mass, ref_out, ref_mass, kwargs, dtype_name)
+
+
+def _check(out, mass, ref_out, ref_mass, kwargs, dtype_name):
     assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
     assert mass.shape == ref_mass.shape and mass.dtype == torch.float32
     # The torch path rounds bf16 logits and probabilities to bf16 before the products; the kernel keeps float32.
@@ -117,6 +121,30 @@ def test_kernel_matches_torch_path(kernel_results, name, dtype_name):
         torch.testing.assert_close(total, torch.ones_like(total), atol=1e-4, rtol=0)
     else:
         assert (total >= 1 - 1e-4).all()
+
+
+# Llama-3-8B's heads at a 20% budget of a 32k context.
+CUDA_CASES = {**CASES, "llama3-8b-32k-20pct": (2, 32, 8, 6554, 128, None, "mean")}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_kernel_on_cuda_matches_torch_path(name, dtype_name):
+    batch, hq, hkv, slots, dim, splits, aggregation = CUDA_CASES[name]
+    q, k, v, valid = (t.cuda() for t in _inputs(batch, hq, hkv, slots, dim, DTYPES[dtype_name]))
+    query_valid = torch.ones(batch, 1, dtype=torch.bool, device="cuda")
+    query_valid[0] = False
+    kwargs = dict(scaling=dim**-0.5, key_valid=valid, query_valid=query_valid, aggregation=aggregation)
+    decode.set_fused_decode(True)
+    assert decode.fused_decode_available(), "triton must import on a CUDA machine (the kernel is the default there)"
+    out, mass = decode.decode_attention_with_mass(q, k, v, **kwargs)  # the dispatcher's own choice
+    ref_out, ref_mass = attention_with_mass(q, k, v, **kwargs)
+    _check(out, mass, ref_out, ref_mass, kwargs, dtype_name)
+    if splits is not None:
+        forced = decode.fused_decode_attention(q, k, v, num_splits=splits, **kwargs)
+        _check(*forced, ref_out, ref_mass, kwargs, dtype_name)
 
 
 def test_split_count_and_mass_switch(kernel_results):

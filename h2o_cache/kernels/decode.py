@@ -82,7 +82,13 @@ def decode_attention_with_mass(
     aggregation: str = "mean",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``attention_with_mass`` through the fused kernel where it applies (one query, CUDA, triton), else torch."""
-    if query.is_cuda and _supported(query, key, value, aggregation) and fused_decode_available():
+    # Under torch.compile the torch path is traced instead: inductor fuses it into its own kernels.
+    if (
+        query.is_cuda
+        and not torch.compiler.is_compiling()
+        and _supported(query, key, value, aggregation)
+        and fused_decode_available()
+    ):
         return fused_decode_attention(
             query, key, value, scaling=scaling, key_valid=key_valid, query_valid=query_valid,
             need_mass=need_mass, aggregation=aggregation,
@@ -93,11 +99,16 @@ def decode_attention_with_mass(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(programs: int, slots: int, device: torch.device) -> int:
     """Partitions per KV head: enough programs for about two waves of the GPU, at least one tile each."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device)
     wanted = max(1, (2 * sms + programs - 1) // programs)
     return max(1, min(wanted, (slots + BLOCK_N - 1) // BLOCK_N))
 
