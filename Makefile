@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # CPU wheel of torch used when no torch is present and no NVIDIA driver is visible.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast test-low lint bench bench-quality bench-throughput clean
+.PHONY: demo test test-fast test-low lint gpu-check bench bench-quality bench-throughput clean
 
 $(STAMP): pyproject.toml setup.cfg
 	@test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -49,6 +49,27 @@ $(LOW)/.installed: $(STAMP)
 test-low: $(LOW)/.installed
 	$(LOW)/bin/python -c "import transformers, h2o_cache; print('transformers', transformers.__version__)"
 	$(LOW)/bin/python -m pytest -q -p no:cacheprovider $(LOW_TESTS)
+
+# On a CUDA machine, from a fresh clone, with what the machine has (installs nothing, never touches torch):
+# the GPU tests, then the decode benchmark (eval/gpu_check.py) of a Llama-3-8B-shaped model at 16k and 32k.
+# The checkout runs through a path of links (build/gpu-path/h2o_cache: the package plus patches/ and eval/ as
+# its subpackages, as an install lays them out). flash-attn is used when importable, else its tests skip
+# (torch's sdpa on CUDA runs its own FlashAttention-2 kernel either way).
+GPU_PY   ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+GPU_PATH := build/gpu-path
+gpu-check:
+	@if ! $(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "skipped: needs CUDA"; exit 0; fi; \
+	rm -rf $(GPU_PATH) && mkdir -p $(GPU_PATH)/h2o_cache && \
+	for f in h2o_cache/*; do ln -s "$$PWD/$$f" $(GPU_PATH)/h2o_cache/; done && \
+	ln -s "$$PWD/patches" $(GPU_PATH)/h2o_cache/patches && ln -s "$$PWD/eval" $(GPU_PATH)/h2o_cache/eval && \
+	for m in triton flash_attn; do $(GPU_PY) -c "import $$m" 2>/dev/null && echo "$$m: available" \
+	  || echo "$$m: not importable (its GPU tests skip)"; done; \
+	export PYTHONPATH="$$PWD/$(GPU_PATH)"; \
+	$(GPU_PY) -c "import h2o_cache, sys; print('h2o_cache from', h2o_cache.__file__)" && \
+	$(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernel.py; tests=$$?; \
+	timeout 420 $(GPU_PY) -m h2o_cache.eval.gpu_check; bench=$$?; \
+	echo "gpu tests: exit $$tests; benchmark: exit $$bench"; test $$tests = 0 -a $$bench = 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check h2o_cache patches eval tests examples

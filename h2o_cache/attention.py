@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .cache import H2OLayer
+from .kernels.decode import decode_attention_with_mass
 from .scoring import attention_with_mass, chunk_size_for, mass_from_weights
 from .support import check_attention_call
 
@@ -113,6 +114,8 @@ def h2o_attention(
         elif need_mass:
             _, mass = attention_with_mass(query, key, None, **common)
     else:
-        output, mass = attention_with_mass(query, key, value, need_mass=need_mass, **common)
+        # One-query steps on CUDA run the fused Triton kernel when it applies (h2o_cache.kernels.decode; off with
+        # H2O_FUSED_DECODE=0); everything else takes attention_with_mass.
+        output, mass = decode_attention_with_mass(query, key, value, need_mass=need_mass, **common)
     layer.after_attention(mass)
     return output, None
