@@ -73,8 +73,9 @@ def _from_gguf(gguf: Path):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (struct.error, ValueError, EOFError, IndexError, KeyError) as err:
         # The GGUF reader fails with whatever a short buffer triggers (struct.error, a reshape ValueError, ...).
+        kind = "struct.error" if isinstance(err, struct.error) else type(err).__name__
         raise ValueError(f"model={str(gguf)!r} is a truncated or damaged GGUF file "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+                         f"({kind}: {str(err).splitlines()[0][:120]})") from None
     return model, tokenizer
 
 
