@@ -110,6 +110,21 @@ def check_device(device: str, option: str = "--device") -> None:
         raise ValueError(f"{option} {device!r}: unsupported device type {dev.type!r}; use cpu or cuda")
 
 
+def check_attn_implementation(name: str, device: str) -> None:
+    """FlashAttention-2 needs a CUDA device and the flash-attn package; say so before loading the model."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--attn-implementation flash_attention_2 needs a CUDA --device (got {device!r})")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn); use sdpa otherwise")
+
+
 def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (checked: >= 1)."""
     if threads is None:
@@ -157,6 +172,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_positive(args, "prompt_tokens", "max_new_tokens", "batch_size")
     set_threads(args.threads)
     check_device(args.device)
+    check_attn_implementation(args.attn_implementation, args.device)
     text = _read_prompt(args)
     h2o = h2o_config_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,

@@ -110,6 +110,10 @@ def saved_model_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete saved model (config, weights, tokenizer), or ``None``."""
     if not (folder / "config.json").is_file():
         return "it has no config.json"
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "its config.json is not valid JSON"
     manifest = folder / MANIFEST
     if manifest.is_file():
         try:
@@ -162,14 +166,17 @@ def _embedded_folder() -> Path | tuple:
     Returns ``(model, tokenizer)`` instead when the cache cannot be written (a read-only home).
     """
     home = cache_home()
+    folder = home / EMBEDDED_NAME
     with contextlib.ExitStack() as stack:
         try:
             home.mkdir(parents=True, exist_ok=True)
             stack.enter_context(_cache_lock(home, EMBEDDED_NAME))
-        except OSError as err:
+        except OSError as err:  # a read-only cache: a complete copy is still usable, without the lock
+            if folder.is_dir() and saved_model_problem(folder) is None:
+                return folder
             logger.warning("cannot use the conversion cache %s (%s); converting without caching", home, err)
             return _from_gguf(embedded_gguf_path())
-        return _convert_once(home, home / EMBEDDED_NAME)
+        return _convert_once(home, folder)
 
 
 def _convert_once(home: Path, folder: Path) -> Path | tuple:

@@ -67,6 +67,7 @@ GENERATE = ["generate", "--no-compare", "--max-new-tokens", "2"]
     (["--prompt-tokens", "0"], ["--prompt-tokens must be >= 1"]),
     (["--prompt-file", "/no/such/prompt.txt"], ["--prompt-file '/no/such/prompt.txt': no such file"]),
     (["--model", "/nope"], ["model='/nope': no such folder"]),
+    (["--attn-implementation", "flash_attention_2"], ["flash_attention_2 needs a CUDA --device"]),
 ])
 def test_generate_mistakes_are_one_line(capsys, argv, needles):
     one_line_error(capsys, main([*GENERATE, *argv]), *needles)

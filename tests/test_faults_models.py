@@ -160,3 +160,24 @@ def test_user_folders_and_files_get_one_clear_error(tmp_path):
         hm.load_model(bad)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         hm.load_model(tmp_path / "nope")
+
+
+def test_a_read_only_cache_with_a_complete_copy_is_used_as_is(fake_embedded, monkeypatch):
+    folder, calls = fake_embedded
+    hm.load_model()
+
+    def no_lock(home, name):
+        raise PermissionError(13, "Permission denied", str(home))
+
+    monkeypatch.setattr(hm, "_cache_lock", no_lock)
+    hm.load_model()
+    assert len(calls) == 1
+
+
+def test_a_folder_with_a_damaged_config_is_named(tmp_path):
+    model, tok = tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{cut")
+    with pytest.raises(ValueError, match="its config.json is not valid JSON"):
+        hm.load_model(tmp_path)
