@@ -179,3 +179,10 @@ def test_profile_load_refuses_foreign_files(tmp_path):
         offload.NeuronProfile.load(path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         offload.NeuronProfile.load(tmp_path / "missing.pt")
+
+
+def test_profile_load_refuses_a_damaged_profile(tmp_path):
+    path = tmp_path / "p.pt"
+    torch.save({"format": "h2o_cache.neuron_profile/1", "meta": json.dumps({"model_name": "x"})}, path)
+    with pytest.raises(ValueError, match="damaged h2o-cache neuron profile"):
+        offload.NeuronProfile.load(path)

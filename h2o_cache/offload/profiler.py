@@ -77,7 +77,11 @@ class NeuronProfile:
                              f"({type(err).__name__})") from None
         if not isinstance(blob, dict) or blob.get("format") != "h2o_cache.neuron_profile/1":
             raise ValueError(f"profile={str(path)!r} is not an h2o-cache neuron profile")
-        return cls(**json.loads(blob["meta"]), counts=blob["counts"], mass=blob["mass"])
+        try:
+            return cls(**json.loads(blob["meta"]), counts=blob["counts"], mass=blob["mass"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"profile={str(path)!r} is a damaged h2o-cache neuron profile "
+                             f"({type(err).__name__}: {err})") from None
 
 
 def read_texts(path: str | os.PathLike | None = None, *, field_name: str = "text") -> list[str]:
