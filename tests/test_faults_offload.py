@@ -123,6 +123,7 @@ def test_two_models_streamed_from_one_offload_dir_stay_apart(tmp_path):
         torch.testing.assert_close(b(input_ids=IDS).logits, ref_b, rtol=0, atol=0)
     sa.remove()
     sb.remove()
+    sa.remove()  # a second remove() is a no-op
     for model, before in ((a, a_before), (b, b_before)):
         after = model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())

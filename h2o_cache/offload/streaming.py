@@ -92,6 +92,7 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2o-layer-prefetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._handles = []
+        self._removed = False
         self._layouts: dict[int, tuple[int, int, list]] = {}
         # Two reusable host buffers (ping-pong): the layer being computed reads one while the next is read into
         # the other, and no fresh pages have to be faulted in and zeroed at every load.
@@ -178,7 +179,11 @@ class LayerStreamer:
         self.layers[i].to("meta")
 
     def remove(self) -> None:
-        """Stop streaming: every streamed layer gets its weights back on ``device`` and the hooks go."""
+        """Stop streaming: every streamed layer gets its weights back on ``device`` and the hooks go (once; a
+        second call does nothing, as the layer files are gone)."""
+        if self._removed:
+            return
+        self._removed = True
         for h in self._handles:
             h.remove()
         for fut in self._pending.values():
