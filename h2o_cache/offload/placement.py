@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .profiler import NeuronProfile
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,51 @@ class PlacementPlan:
     def ffn_bytes(self) -> int:
         return sum(self.fixed_bytes) + sum(b * n for b, n in zip(self.neuron_bytes, self.n_neurons, strict=True))
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` unless every layer lists unique neuron indices within its neuron count.
+
+        A repeated index would be computed twice (the output silently changes) and an index out of range would fail
+        only when that layer is split, so the whole plan is checked before any model is touched.
+        """
+        layers = len(self.hot)
+        for name in ("n_neurons", "neuron_bytes", "fixed_bytes"):
+            if len(getattr(self, name)) != layers:
+                raise ValueError(f"plan.{name} has {len(getattr(self, name))} entries, plan.hot has {layers} layers")
+        for i, (hot, n) in enumerate(zip(self.hot, self.n_neurons, strict=True)):
+            if not isinstance(hot, list | tuple) or not all(
+                    isinstance(j, numbers.Integral) and not isinstance(j, bool) for j in hot):
+                raise ValueError(f"plan.hot[{i}] must be a list of integer neuron indices")
+            if len(set(hot)) != len(hot):
+                seen: set[int] = set()
+                dupes = sorted({j for j in hot if j in seen or seen.add(j)})
+                raise ValueError(f"plan.hot[{i}] repeats neuron indices {dupes[:8]}; each neuron may be hot once")
+            bad = [int(j) for j in hot if not 0 <= j < n]
+            if bad:
+                raise ValueError(f"plan.hot[{i}] has neuron indices {bad[:8]} outside [0, {n})")
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({"format": "h2o_cache.placement/1", **asdict(self)}))
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({"format": "h2o_cache.placement/1", **asdict(self)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PlacementPlan:
-        blob = json.loads(Path(path).read_text())
-        if blob.pop("format", None) != "h2o_cache.placement/1":
-            raise ValueError(f"path={str(path)!r} is not an h2o-cache placement plan")
-        return cls(**blob)
+        try:
+            blob = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"plan={str(path)!r}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"plan={str(path)!r} is not an h2o-cache placement plan (not JSON: {err})") from None
+        if not isinstance(blob, dict) or blob.pop("format", None) != "h2o_cache.placement/1":
+            raise ValueError(f"plan={str(path)!r} is not an h2o-cache placement plan")
+        try:
+            plan = cls(**blob)
+        except TypeError as err:
+            raise ValueError(f"plan={str(path)!r} is a damaged placement plan: {err}") from None
+        try:
+            plan.validate()
+        except ValueError as err:
+            raise ValueError(f"plan={str(path)!r}: {err}") from None
+        return plan
 
 
 def _scores(profile: NeuronProfile, score: str) -> list[np.ndarray]:
@@ -202,7 +240,8 @@ def plot_capture_curve(curve: Sequence[tuple[float, int, float]], path: str | os
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..files import atomic_write
 from ._layers import GATED, ffn_sites, fixed_bytes, neuron_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,27 @@ class NeuronProfile:
 
     def save(self, path: str | os.PathLike) -> None:
         meta = {k: v for k, v in asdict(self).items() if k not in ("counts", "mass")}
-        torch.save({"format": "h2o_cache.neuron_profile/1", "meta": json.dumps(meta),
-                    "counts": list(self.counts), "mass": list(self.mass)}, Path(path))
+        with atomic_write(path) as tmp:
+            torch.save({"format": "h2o_cache.neuron_profile/1", "meta": json.dumps(meta),
+                        "counts": list(self.counts), "mass": list(self.mass)}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronProfile:
-        blob = torch.load(Path(path), weights_only=True)
-        if blob.get("format") != "h2o_cache.neuron_profile/1":
-            raise ValueError(f"path={str(path)!r} is not an h2o-cache neuron profile")
-        return cls(**json.loads(blob["meta"]), counts=blob["counts"], mass=blob["mass"])
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"profile={str(path)!r}: no such file")
+        try:
+            blob = torch.load(p, weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign files
+            raise ValueError(f"profile={str(path)!r} is not an h2o-cache neuron profile "
+                             f"({type(err).__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != "h2o_cache.neuron_profile/1":
+            raise ValueError(f"profile={str(path)!r} is not an h2o-cache neuron profile")
+        try:
+            return cls(**json.loads(blob["meta"]), counts=blob["counts"], mass=blob["mass"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"profile={str(path)!r} is a damaged h2o-cache neuron profile "
+                             f"({type(err).__name__}: {err})") from None
 
 
 def read_texts(path: str | os.PathLike | None = None, *, field_name: str = "text") -> list[str]:
@@ -83,14 +96,28 @@ def read_texts(path: str | os.PathLike | None = None, *, field_name: str = "text
         raise FileNotFoundError(f"text={str(path)!r}: no such file")
     if p.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(p).splitlines(), 1):
             if line.strip():
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p}:{n}: not a JSON record ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{p}:{n}: expected a JSON object, got {type(record).__name__}")
                 if field_name not in record:
                     raise ValueError(f"{p}:{n}: record has no field {field_name!r} (set field_name=)")
                 texts.append(str(record[field_name]))
         return texts
-    return [p.read_text(encoding="utf-8")]
+    return [_read_utf8(p)]
+
+
+def _read_utf8(p: Path) -> str:
+    if p.is_dir():
+        raise ValueError(f"text={str(p)!r} is a folder; give a .jsonl or text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text={str(p)!r} is not UTF-8 text (byte {err.start})") from None
 
 
 def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int) -> list[torch.Tensor]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,7 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2o-layer-prefetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._handles = []
+        self._removed = False
         self._layouts: dict[int, tuple[int, int, list]] = {}
         # Two reusable host buffers (ping-pong): the layer being computed reads one while the next is read into
         # the other, and no fresh pages have to be faulted in and zeroed at every load.
@@ -97,16 +100,28 @@ class LayerStreamer:
         self._turn = 0
         self._next = {a: b for a, b in zip(layer_ids, layer_ids[1:] + layer_ids[:1], strict=True)}
         for i in layer_ids:
-            layer = self.layers[i]
-            state = {k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict(keep_vars=True).items()}
-            if offload_dir is not None:
-                save_file(state, str(self._file(i)))
-                self._layouts[i] = _layout(self._file(i))
-            else:
-                self._cpu[i] = {k: (v.pin_memory() if self._pin else v) for k, v in state.items()}
-            layer.to("meta")
-            self._handles.append(layer.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i)))
-            self._handles.append(layer.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i)))
+            if any(t.device.type == "meta" for t in self.layers[i].state_dict().values()):
+                raise ValueError(f"layer {i} has no weights (meta): is this model already streamed? Call remove() "
+                                 "on its LayerStreamer first")
+        done: list[int] = []
+        try:
+            for i in layer_ids:
+                layer = self.layers[i]
+                state = {k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict(keep_vars=True).items()}
+                if offload_dir is not None:
+                    save_file(state, str(self._file(i)))
+                    self._layouts[i] = _layout(self._file(i))
+                else:
+                    self._cpu[i] = {k: (v.pin_memory() if self._pin else v) for k, v in state.items()}
+                layer.to("meta")
+                done.append(i)
+                self._handles.append(layer.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i)))
+                self._handles.append(layer.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i)))
+        except BaseException:
+            # e.g. a full disk half way: put back the layers already moved out, so the model is whole again.
+            self.layer_ids = done
+            self.remove()
+            raise
 
     def _file(self, i: int) -> Path:
         assert self.offload_dir is not None
@@ -164,7 +179,11 @@ class LayerStreamer:
         self.layers[i].to("meta")
 
     def remove(self) -> None:
-        """Stop streaming: every streamed layer gets its weights back on ``device`` and the hooks go."""
+        """Stop streaming: every streamed layer gets its weights back on ``device`` and the hooks go (once; a
+        second call does nothing, as the layer files are gone)."""
+        if self._removed:
+            return
+        self._removed = True
         for h in self._handles:
             h.remove()
         for fut in self._pending.values():
@@ -178,6 +197,8 @@ class LayerStreamer:
                 self._stream.synchronize()
             self.layers[i].load_state_dict({k: v.clone() for k, v in tensors.items()}, assign=True, strict=True)
         self._cpu.clear()
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
 
 
 def stream_layers(
@@ -193,7 +214,9 @@ def stream_layers(
     Args:
         device: the fast device (default ``cuda:0`` if there, else ``cpu``); the rest of the model must be there.
         layers: indices of the decoder layers to stream (the others stay resident).
-        offload_dir: a folder for one safetensors file per layer (disk tier); ``None`` keeps them in CPU memory.
+        offload_dir: a folder for the disk tier; each streamer writes one safetensors file per layer into its own
+            new subfolder (so several models may share ``offload_dir``), deleted by :meth:`LayerStreamer.remove`.
+            ``None`` keeps the layers in CPU memory.
         prefetch: load the next streamed layer while the current one computes.
     """
     dev = torch.device(device if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -203,8 +226,18 @@ def stream_layers(
         raise ValueError(f"layers={layers} must be non-empty indices in [0, {n})")
     folder = None
     if offload_dir is not None:
-        folder = Path(offload_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-    streamer = LayerStreamer(model, ids, dev, offload_dir=folder, prefetch=prefetch)
+        parent = Path(offload_dir)
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"offload_dir={str(offload_dir)!r} is a file; give a folder")
+        parent.mkdir(parents=True, exist_ok=True)
+        # A private subfolder per streamer: two models streamed from the same offload_dir must never read (or, on
+        # remove(), keep) each other's layer files.
+        folder = Path(tempfile.mkdtemp(prefix="h2o-stream-", dir=parent))
+    try:
+        streamer = LayerStreamer(model, ids, dev, offload_dir=folder, prefetch=prefetch)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     logger.info("streaming %d layers to %s from %s (prefetch=%s)", len(ids), dev, folder or "CPU memory", prefetch)
     return streamer
