@@ -29,6 +29,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .texts import passkey_text
+
 logger = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -123,9 +125,7 @@ def build_passkey(paragraphs: Sequence[str], docs: int, rng: random.Random, cont
         key = str(rng.randint(10000, 99999))
         depth = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9])
         cut = hay.rfind(" ", 0, int(depth * len(hay))) + 1
-        needle = f"\nThe secret pass key is {key}. Remember: the pass key is {key}.\n"
-        context = hay[:cut] + needle + hay[cut:] + "\n\nQuestion: What is the secret pass key?\nAnswer: The secret pass key is"
-        out.append({"context": context, "target": key, "depth": depth})
+        out.append({"context": passkey_text(hay, key, cut), "target": key, "depth": depth})
     return out
 
 

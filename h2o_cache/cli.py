@@ -140,15 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The evaluation commands live in h2o_cache.eval (its own options, lm-eval, matplotlib): the core lists them here
+# and hands their command lines over whole, so nothing of eval is imported unless one of them runs.
+EVAL_COMMANDS = {
+    "eval": "quality of H2O vs the full cache and other eviction policies (perplexity, retrieval, lm-eval)",
+    "bench": "throughput/memory benchmark: H2O vs the full cache and the offloading baselines",
+    "lm-eval": "lm-eval's own command line with --model h2o (needs the eval extra)",
+}
+
+
 def _tool_registrars():
-    """Subcommands that live with their tools: eval, bench (h2o_cache.eval) and profile, place (offload)."""
-    from .eval import quality, throughput
+    """Subcommands that live with their tools: eval, bench, lm-eval (listed only) and profile, place (offload)."""
     from .offload import cli as offload_cli
 
-    return [quality.register_cli, throughput.register_cli, offload_cli.register_cli]
+    def register_eval(subparsers) -> None:
+        for name, help_text in EVAL_COMMANDS.items():
+            subparsers.add_parser(name, help=help_text, add_help=False,
+                                  description=f"{help_text}; see `h2o-cache {name} --help`")
+
+    return [register_eval, offload_cli.register_cli]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EVAL_COMMANDS:
+        from .eval.cli import main as eval_main
+
+        return eval_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
