@@ -206,6 +206,11 @@ def run_lm_eval_cli(argv: Sequence[str]) -> int:
     from .lm_eval_model import register
 
     register()
+    text = " ".join(argv)
+    if "cache_implementation=h2o" in text and "--model h2o" not in text:
+        print("warning: --gen_kwargs cache_implementation=h2o compresses generate_until tasks only; loglikelihood "
+              "and multiple-choice tasks still run uncompressed (one forward, no cache). Use --model h2o "
+              "--model_args pretrained=DIR,... to run every task through the cache.", file=sys.stderr)
     old = sys.argv
     sys.argv = ["h2o-cache lm-eval", *argv]
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,20 +115,6 @@ class H2OLM(HFLM):
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
-@functools.lru_cache(maxsize=4)
-def task_dir(source: str = str(TASK_DIR)) -> str:
-    """A folder with the local task YAMLs whose ``{TASK_DIR}`` placeholder points at ``source``.
-
-    lm-eval resolves ``data_files`` against the working directory, so the shipped YAMLs name their data with a
-    placeholder that is filled with the installed package's absolute path here.
-    """
-    src = Path(source)
-    out = Path(tempfile.mkdtemp(prefix="h2o_lm_eval_tasks_"))
-    for yaml in src.glob("*.yaml"):
-        (out / yaml.name).write_text(yaml.read_text().replace("{TASK_DIR}", str(src.resolve())))
-    return str(out)
-
-
 @functools.lru_cache(maxsize=8)
 def task_manager(include_path: str | None = None, include_defaults: bool = True) -> Any:
     """A ``TaskManager`` that knows the project's local tasks, those in ``include_path`` (e.g. standard tasks made
@@ -137,7 +122,7 @@ def task_manager(include_path: str | None = None, include_defaults: bool = True)
     of seconds on 2 cores: cached)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[task_dir(), *([include_path] if include_path else [])],
+    return TaskManager(include_path=[str(TASK_DIR), *([include_path] if include_path else [])],
                        include_defaults=include_defaults)
 
 
@@ -178,7 +163,7 @@ def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = Non
 _H2O_FIELDS = {"gqa_aggregation", "score_normalization", "sink_tokens", "seed"}
 
 
-def h2o_lm_from_args(arg_string: str, additional_config: dict | None = None) -> H2OLM:
+def h2o_lm_from_args(args: str | dict[str, Any], additional_config: dict | None = None) -> H2OLM:
     """``H2OLM`` from lm-eval's ``--model_args``: ``pretrained=DIR`` (a model folder or a .gguf file), optional
     ``tokenizer``, ``policy`` (``full`` = the uncompressed cache), the budget as ``budget=0.2`` or as
     ``heavy_ratio=0.1,recent_ratio=0.1`` (their sum; split half/half), the other ``H2OConfig`` fields flat, and
@@ -187,7 +172,7 @@ def h2o_lm_from_args(arg_string: str, additional_config: dict | None = None) -> 
 
     from h2o_cache.models import load_model
 
-    args = {**utils.simple_parse_args_string(arg_string),
+    args = {**(utils.simple_parse_args_string(args) if isinstance(args, str) else args),
             **{k: v for k, v in (additional_config or {}).items() if v is not None}}
     if "pretrained" not in args:
         raise ValueError("--model_args: pretrained=DIR (a model folder or a .gguf file) is required")
@@ -198,7 +183,9 @@ def h2o_lm_from_args(arg_string: str, additional_config: dict | None = None) -> 
     h2o_options = {k: args.pop(k) for k in list(args) if k in _H2O_FIELDS}
     tokenizer = args.pop("tokenizer", None)
     dtype = args.pop("dtype", "float32")
-    device = args.pop("device", "cpu")
+    device = args.pop("device", None)
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
     model, own_tokenizer = load_model(str(args.pop("pretrained")), dtype=str(dtype).replace("torch.", ""),
                                       device=device)
     if tokenizer is not None:
@@ -219,5 +206,6 @@ def register() -> None:
 
     class RegisteredH2OLM(H2OLM):
         create_from_arg_string = staticmethod(h2o_lm_from_args)
+        create_from_arg_obj = staticmethod(h2o_lm_from_args)
 
     registry.register_model("h2o")(RegisteredH2OLM)

@@ -22,6 +22,37 @@ def tiny_llama():
     return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer built offline (ids 32..126 are the printable ASCII characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "\n": 10})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random Llama (GQA) and a byte-level tokenizer, both built offline."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=2048)).eval(), byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tiny_lm, tmp_path_factory):
+    """``tiny_lm`` saved as a model folder (model and tokenizer), as users pass ``--model`` / ``pretrained``."""
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tiny_lm[0].save_pretrained(folder)
+    tiny_lm[1].save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M (integration tests only)."""
