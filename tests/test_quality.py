@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from h2o_cache.eval import caches, perplexity, quality, retrieval, texts
-from h2o_cache.eval.quality_report import write_report
 from h2o_cache.eval.lm_eval_tasks import LOCAL_TASKS, write_tasks
+from h2o_cache.eval.quality_report import write_report
 
 
 @pytest.fixture(scope="module")
