@@ -5,9 +5,10 @@ Importing it registers the ``h2o`` model in lm-eval's registry when lm-eval is i
 without lm-eval nothing is registered and ``h2o-cache lm-eval`` says what to install.
 """
 
-import importlib.util as _util
-
-if _util.find_spec("lm_eval") is not None:
+try:
     from .lm_eval_model import register as _register
-
+except ModuleNotFoundError as _err:
+    if _err.name is None or _err.name.split(".")[0] != "lm_eval":
+        raise
+else:
     _register()

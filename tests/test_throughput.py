@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from h2o_cache.eval import batch_search, throughput
+from h2o_cache.eval import batch_search, bench, throughput
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 
 def _args(tmp_path, **extra):
-    return throughput.ThroughputSpec(prompt_lens=[32], batches=[2], gen=4, repeats=1, target_prompt=32,
+    return bench.ThroughputSpec(prompt_lens=[32], batches=[2], gen=4, repeats=1, target_prompt=32,
                                      target_batch=2, max_batch=4, text_prompts=False, no_progress=True,
                                      bandwidth_mib=8, out=str(tmp_path), **extra)
 
@@ -32,7 +32,7 @@ def test_grid_outputs_and_skips(tiny, tmp_path):
     model, folder = tiny
     args = _args(tmp_path, caches=["full", "h2o", "offloaded"], budgets=[0.25], systems=["flexgen", "flash2"],
                  same_memory_gib=-1)
-    res = throughput.run_benchmark(args, model=model, model_path=folder)
+    res = bench.run_benchmark(args, model=model, model_path=folder)
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["roofline"]["bandwidth_gb_s"] > 0
     ok = [r for r in data["grid"] if r["status"] == "ok"]
@@ -57,7 +57,7 @@ def test_same_memory_search_and_accelerate(tiny, tmp_path):
     model, folder = tiny
     # everything fits: the search must stop at max_batch
     args = _args(tmp_path, caches=["full"], systems=["accelerate"], targets=False, same_memory_gib=1000.0)
-    res = throughput.run_benchmark(args, model=model, model_path=folder)
+    res = bench.run_benchmark(args, model=model, model_path=folder)
     sm = res["same_memory"]
     assert sm["full_max_batch"] == 4 and sm["h2o_max_batch"] == 4 and sm["h2o_hit_search_cap"]
     assert all(p["fits"] for probes in sm["probes"].values() for p in probes)
