@@ -75,7 +75,7 @@ def test_retrieval_smoke(tiny):
     assert all(len(c["input_ids"]) == 200 and c["key"] in tokenizer.decode(c["input_ids"]) for c in cases)
 
 
-def test_report_and_bars(tiny, tmp_path):
+def test_report_and_targets(tiny, tmp_path):
     model, tokenizer = tiny
     results = quality.evaluate(model, tokenizer, tasks=["perplexity", "retrieval"],
                                policies=["full", "h2o", "local", "streaming", "random"], budgets=[0.2, 0.5],
