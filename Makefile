@@ -71,6 +71,16 @@ gpu-check:
 	timeout 420 $(GPU_PY) -m h2o_cache.eval.gpu_check; bench=$$?; \
 	echo "gpu tests: exit $$tests; benchmark: exit $$bench"; test $$tests = 0 -a $$bench = 0
 
+# The cheap documented benchmark runs (docs/benchmarks/*.md); results go to results/.
+bench-quality: $(STAMP)
+	$(VENV)/bin/h2o-cache eval --threads 1 --tasks perplexity --windows 2 --gen-len 64 --output results/quality_ppl
+
+bench-throughput: $(STAMP)
+	$(VENV)/bin/h2o-cache bench --prompt-lens 1024 --batches 4 --caches full,h2o --budgets 0.2 --gen 32 --repeats 2 \
+	  --warmup 1 --no-targets --same-memory-gib -1 --systems "" --threads 2 --out results/bench_caches
+
+bench: bench-quality bench-throughput
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check h2o_cache patches eval tests examples
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 
 from h2o_cache.compat import cache_kwargs
 
+from .caches import ALL_POLICIES, FULL, cache_config, check_budgets, make_cache
 from .lm_eval_tasks import LOCAL_TASKS, TASK_DIR
-from .quality import ALL_POLICIES, FULL, cache_options, check_budgets, make_cache
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class H2OLM(HFLM):
             raise ValueError(f"a continuation of {longest} tokens exceeds max_length={self.max_length}")
         # Same left truncation as HFLM: the model sees at most max_length tokens.
         context = context[-(self.max_length + 1 - longest):]
-        cache = make_cache(self.model, self.policy, self.budget, len(context) + longest, **self.h2o_options)
+        cache, _ = make_cache(self.policy, self.model, self.budget, len(context) + longest, **self.h2o_options)
         if len(context) > 1:
             self.model(input_ids=torch.tensor([context[:-1]], device=self.device), **cache_kwargs(cache),
                        use_cache=True, logits_to_keep=1)
@@ -111,23 +110,9 @@ class H2OLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         if self.policy != FULL:
             generation_kwargs["cache_implementation"] = "h2o"
-            generation_kwargs["cache_config"] = cache_options(self.policy, self.budget, context.shape[1],
+            generation_kwargs["cache_config"] = cache_config(self.policy, self.budget, context.shape[1],
                                                               **self.h2o_options)
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
-
-
-@functools.lru_cache(maxsize=4)
-def task_dir(source: str = str(TASK_DIR)) -> str:
-    """A folder with the local task YAMLs whose ``{TASK_DIR}`` placeholder points at ``source``.
-
-    lm-eval resolves ``data_files`` against the working directory, so the shipped YAMLs name their data with a
-    placeholder that is filled with the installed package's absolute path here.
-    """
-    src = Path(source)
-    out = Path(tempfile.mkdtemp(prefix="h2o_lm_eval_tasks_"))
-    for yaml in src.glob("*.yaml"):
-        (out / yaml.name).write_text(yaml.read_text().replace("{TASK_DIR}", str(src.resolve())))
-    return str(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,7 +122,7 @@ def task_manager(include_path: str | None = None, include_defaults: bool = True)
     of seconds on 2 cores: cached)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[task_dir(), *([include_path] if include_path else [])],
+    return TaskManager(include_path=[str(TASK_DIR), *([include_path] if include_path else [])],
                        include_defaults=include_defaults)
 
 
@@ -173,3 +158,54 @@ def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = Non
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
                                   limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
     return out if raw else _flatten(out)
+
+
+_H2O_FIELDS = {"gqa_aggregation", "score_normalization", "sink_tokens", "seed"}
+
+
+def h2o_lm_from_args(args: str | dict[str, Any], additional_config: dict | None = None) -> H2OLM:
+    """``H2OLM`` from lm-eval's ``--model_args``: ``pretrained=DIR`` (a model folder or a .gguf file), optional
+    ``tokenizer``, ``policy`` (``full`` = the uncompressed cache), the budget as ``budget=0.2`` or as
+    ``heavy_ratio=0.1,recent_ratio=0.1`` (their sum; split half/half), the other ``H2OConfig`` fields flat, and
+    any ``HFLM`` argument."""
+    from lm_eval import utils
+
+    from h2o_cache.models import load_model
+
+    args = {**(utils.simple_parse_args_string(args) if isinstance(args, str) else args),
+            **{k: v for k, v in (additional_config or {}).items() if v is not None}}
+    if "pretrained" not in args:
+        raise ValueError("--model_args: pretrained=DIR (a model folder or a .gguf file) is required")
+    ratios = [args.pop(k) for k in ("heavy_ratio", "recent_ratio") if k in args]
+    if ratios and "budget" in args:
+        raise ValueError("--model_args: give budget or heavy_ratio/recent_ratio, not both")
+    budget = float(sum(ratios)) if ratios else float(args.pop("budget", 0.2))
+    h2o_options = {k: args.pop(k) for k in list(args) if k in _H2O_FIELDS}
+    tokenizer = args.pop("tokenizer", None)
+    dtype = args.pop("dtype", "float32")
+    device = args.pop("device", None)
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
+    model, own_tokenizer = load_model(str(args.pop("pretrained")), dtype=str(dtype).replace("torch.", ""),
+                                      device=device)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        own_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return H2OLM(pretrained=model, tokenizer=own_tokenizer, policy=str(args.pop("policy", "h2o")), budget=budget,
+                 h2o_options=h2o_options, **args)
+
+
+def register() -> None:
+    """Register ``h2o`` in lm-eval's model registry (``simple_evaluate(model="h2o", model_args=...)``,
+    ``lm_eval --model h2o``); idempotent."""
+    from lm_eval.api import registry
+
+    if "h2o" in registry.MODEL_REGISTRY:
+        return
+
+    class RegisteredH2OLM(H2OLM):
+        create_from_arg_string = staticmethod(h2o_lm_from_args)
+        create_from_arg_obj = staticmethod(h2o_lm_from_args)
+
+    registry.register_model("h2o")(RegisteredH2OLM)

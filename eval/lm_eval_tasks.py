@@ -26,8 +26,11 @@ import json
 import logging
 import random
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+from .texts import passkey_text
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +126,7 @@ def build_passkey(paragraphs: Sequence[str], docs: int, rng: random.Random, cont
         key = str(rng.randint(10000, 99999))
         depth = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9])
         cut = hay.rfind(" ", 0, int(depth * len(hay))) + 1
-        needle = f"\nThe secret pass key is {key}. Remember: the pass key is {key}.\n"
-        context = hay[:cut] + needle + hay[cut:] + "\n\nQuestion: What is the secret pass key?\nAnswer: The secret pass key is"
-        out.append({"context": context, "target": key, "depth": depth})
+        out.append({"context": passkey_text(hay, key, cut), "target": key, "depth": depth})
     return out
 
 
@@ -134,9 +135,7 @@ _YAML = {
 task: h2o_cloze
 tag: {tag}
 dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/h2o_cloze.jsonl
+custom_dataset: !function local_data.h2o_cloze
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{{{context}}}}"
@@ -156,9 +155,7 @@ metadata:
 task: h2o_mc
 tag: {tag}
 dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/h2o_mc.jsonl
+custom_dataset: !function local_data.h2o_mc
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
@@ -179,9 +176,7 @@ metadata:
 task: h2o_passkey
 tag: {tag}
 dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {dir}/h2o_passkey.jsonl
+custom_dataset: !function local_data.h2o_passkey
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{context}}}}"
@@ -228,11 +223,13 @@ def write_tasks(out_dir: str | Path = TASK_DIR, *, text: str | None = None, docs
             logger.warning("%s: only %d documents could be built (asked for %d)", name, len(rows), docs)
         data = out_dir / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        # A relative data path would resolve against the process's working directory, so the YAML is written
-        # with the folder's absolute path; `task_yaml_dir()` rewrites it when the package moved (see lm_eval_model).
+        # The YAML loads its documents through local_data.py (copied next to it), relative to its own folder.
         yaml = out_dir / f"{name}.yaml"
-        yaml.write_text(_YAML[name].format(tag=TAG, dir="{TASK_DIR}"))
+        yaml.write_text(_YAML[name].format(tag=TAG))
         written += [data, yaml]
+    loader = out_dir / "local_data.py"
+    if loader.resolve() != (TASK_DIR / "local_data.py").resolve():
+        shutil.copyfile(TASK_DIR / "local_data.py", loader)
     return written
 
 

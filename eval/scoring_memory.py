@@ -18,8 +18,8 @@ import torch
 from h2o_cache.config import DEFAULT_PREFILL_CHUNK_BYTES
 from h2o_cache.scoring import attention_with_mass, chunk_size_for, mass_from_weights
 
+from .memory import current_rss_bytes, peak_memory_bytes, reset_peak_memory
 from .report import markdown_table
-from .throughput import current_rss_bytes, peak_memory_bytes, reset_peak_memory
 
 
 def _peak_added(fn) -> float:

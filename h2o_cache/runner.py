@@ -1,28 +1,78 @@
-"""One timed generation with a chosen cache: what the CLI, the demo and the examples report."""
+"""One timed greedy loop (prefill, then one forward per new token) and the KV bytes of any cache.
+
+``timed_decode`` is the loop every timing in the project goes through: ``h2o-cache generate``/``demo`` (via
+``timed_generate``) and the throughput benchmark (``h2o_cache.eval.throughput``). It is the loop ``generate``
+runs, written out so that prefill and decode are timed separately; EOS is ignored, so exactly ``new_tokens``
+tokens come out.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
 
+from .batching import prefill_in_micro_batches
 from .cache import H2OCache
 from .compat import cache_kwargs
 from .config import H2OConfig
 
 
-class _StepClock(LogitsProcessor):
-    """Timestamps each generation step: the first call comes right after the prefill forward."""
+def kv_bytes(cache: Any) -> int | None:
+    """Stored key/value bytes of any transformers cache; ``None`` when its storage cannot be counted (quantized
+    caches keep backend-specific tensors)."""
+    if isinstance(cache, H2OCache):
+        return cache.kv_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "_quantized_keys"):
+            return None
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.stamps.append(time.perf_counter())
-        return scores
+@dataclass
+class TimedRun:
+    """One pass of ``timed_decode``: the new tokens, the cache after the last step, and the timings."""
+
+    new_ids: torch.Tensor
+    cache: Any
+    prefill_s: float
+    decode_s: float
+    step_s: list[float]
+
+
+@torch.inference_mode()
+def timed_decode(model: Any, input_ids: torch.Tensor, new_cache: Callable[[], Any], new_tokens: int, *,
+                 micro_batch: int = 0, attention_mask: torch.Tensor | None = None) -> TimedRun:
+    """Prefill ``input_ids`` into ``new_cache()`` (``micro_batch`` rows at a time when > 0, see
+    ``h2o_cache.batching``), then greedily decode exactly ``new_tokens`` tokens, the whole batch at once."""
+    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    cache, logits = prefill_in_micro_batches(model, input_ids, new_cache, micro_batch=micro_batch or
+                                             input_ids.shape[0], attention_mask=attention_mask)
+    nxt = logits.argmax(-1, keepdim=True)
+    sync()
+    t1 = time.perf_counter()
+    out_ids, steps = [nxt], []
+    for _ in range(new_tokens - 1):
+        s0 = time.perf_counter()
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        out = model(input_ids=nxt, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        out_ids.append(nxt)
+        sync()
+        steps.append(time.perf_counter() - s0)
+    t2 = time.perf_counter()
+    return TimedRun(torch.cat(out_ids, 1), cache, t1 - t0, t2 - t1, steps)
 
 
 @dataclass
@@ -50,59 +100,31 @@ class GenerationResult:
         }
 
 
-def kv_bytes_of(cache: Any) -> int:
-    """Stored key/value bytes of any transformers cache."""
-    if isinstance(cache, H2OCache):
-        return cache.kv_bytes()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def timed_generate(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    h2o: H2OConfig | None,
+    h2o_config: H2OConfig | None,
     max_new_tokens: int,
     label: str | None = None,
-    **generate_kwargs: Any,
 ) -> GenerationResult:
-    """Greedy generation of exactly ``max_new_tokens`` (EOS ignored) with H2O (``h2o``) or the full cache."""
-    cache = H2OCache(model.config, h2o) if h2o is not None else DynamicCache()
-    clock = _StepClock()
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    generate_kwargs.setdefault("do_sample", False)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        sequences = model.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            **cache_kwargs(cache),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            logits_processor=LogitsProcessorList([clock]),
-            pad_token_id=model.generation_config.pad_token_id or model.config.eos_token_id,
-            **generate_kwargs,
-        )
-    end = time.perf_counter()
-    prefill = clock.stamps[0] - start
-    steps = len(clock.stamps) - 1
-    decode_rate = steps * input_ids.shape[0] / (clock.stamps[-1] - clock.stamps[0]) if steps > 0 else float("nan")
+    """Greedy generation of exactly ``max_new_tokens`` (EOS ignored) with H2O (``h2o_config``) or the full cache."""
+    def new_cache() -> Any:
+        return H2OCache(model.config, h2o_config) if h2o_config is not None else DynamicCache(config=model.config)
+
+    run = timed_decode(model, input_ids, new_cache, max_new_tokens, attention_mask=attention_mask)
+    batch = input_ids.shape[0]
+    steps = max_new_tokens - 1
     return GenerationResult(
-        label=label or ("h2o" if h2o is not None else "full"),
-        sequences=sequences,
+        label=label or ("h2o" if h2o_config is not None else "full"),
+        sequences=torch.cat([input_ids, run.new_ids], 1),
         prompt_tokens=input_ids.shape[1],
-        new_tokens=sequences.shape[1] - input_ids.shape[1],
-        batch_size=input_ids.shape[0],
-        prefill_s=prefill,
-        decode_tok_s=decode_rate,
-        total_s=end - start,
-        kv_bytes=kv_bytes_of(cache),
-        tokens_kept=cache.tokens_kept() if isinstance(cache, H2OCache) else cache.get_seq_length(),
-        tokens_seen=cache.get_seq_length(),
+        new_tokens=run.new_ids.shape[1],
+        batch_size=batch,
+        prefill_s=run.prefill_s,
+        decode_tok_s=steps * batch / run.decode_s if steps > 0 else float("nan"),
+        total_s=run.prefill_s + run.decode_s,
+        kv_bytes=kv_bytes(run.cache) or 0,
+        tokens_kept=run.cache.tokens_kept() if isinstance(run.cache, H2OCache) else run.cache.get_seq_length(),
+        tokens_seen=run.cache.get_seq_length(),
     )

@@ -1,25 +1,36 @@
+"""Shared fixtures; the helpers they use (tiny configs for every family, greedy and teacher-forced decoding)
+live in tests/fixtures.py."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from fixtures import byte_tokenizer, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 import h2o_cache  # noqa: F401  (applies the patches)
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    options = dict(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    options.update(overrides)
-    return LlamaConfig(**options)
 
 
 @pytest.fixture
 def tiny_llama():
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random Llama (GQA) and a byte-level tokenizer, both built offline."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=2048)).eval(), byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tiny_lm, tmp_path_factory):
+    """``tiny_lm`` saved as a model folder (model and tokenizer), as users pass ``--model`` / ``pretrained``."""
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tiny_lm[0].save_pretrained(folder)
+    tiny_lm[1].save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

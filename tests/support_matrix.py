@@ -9,15 +9,13 @@ on this machine: "yes" passed, "FAIL" failed, "refused" raised the documented Va
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import transformers
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from test_families import (  # noqa: E402
+# Run as a script, so this folder (tests/) is on sys.path and the shared helpers import as `fixtures`.
+from fixtures import (
     BACKENDS,
     FAMILIES,
     REFUSED,
@@ -27,7 +25,7 @@ from test_families import (  # noqa: E402
     prompt_ids,
 )
 
-from h2o_cache import H2OCache  # noqa: E402
+from h2o_cache import H2OCache
 
 
 def outcome(fn) -> str:

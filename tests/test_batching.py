@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import make_model, prompt_ids
-from test_workloads import left_padded
+from fixtures import left_padded, make_model, prompt_ids
 from transformers import DynamicCache
 
 from h2o_cache import H2OCache, concatenate_caches, prefill_in_micro_batches

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fixtures import greedy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, GenerationConfig
@@ -161,20 +162,12 @@ def test_unrouted_attention_is_reported():
 
 
 # ---- through a model -------------------------------------------------------------------------------------------
-def greedy(model, ids, **kwargs):
-    with torch.no_grad():
-        return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
-        )
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_full_budget_is_exact(tiny_llama, attn):
     tiny_llama.set_attn_implementation(attn)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(1))
-    ref = greedy(tiny_llama, ids, past_key_values=DynamicCache())
-    out = greedy(tiny_llama, ids, past_key_values=H2OCache(tiny_llama.config, heavy_budget=40, recent_budget=40))
+    ref = greedy(tiny_llama, new_tokens=12, ids=ids, past_key_values=DynamicCache())
+    out = greedy(tiny_llama, new_tokens=12, ids=ids, past_key_values=H2OCache(tiny_llama.config, heavy_budget=40, recent_budget=40))
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.logits, out.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -183,9 +176,9 @@ def test_full_budget_is_exact(tiny_llama, attn):
 def test_eviction_reduces_memory_and_keeps_budget(tiny_llama):
     ids = torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(2))
     full = DynamicCache()
-    greedy(tiny_llama, ids, past_key_values=full)
+    greedy(tiny_llama, new_tokens=12, ids=ids, past_key_values=full)
     cache = H2OCache(tiny_llama.config, heavy_ratio=0.1, recent_ratio=0.1)
-    greedy(tiny_llama, ids, past_key_values=cache)
+    greedy(tiny_llama, new_tokens=12, ids=ids, past_key_values=cache)
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
     assert cache.budget() == 20 and cache.tokens_kept() == 20
     assert cache.get_seq_length() == 111  # tokens seen: the last generated token is not fed back
@@ -194,13 +187,13 @@ def test_eviction_reduces_memory_and_keeps_budget(tiny_llama):
 
 def test_cache_implementation_string(tiny_llama):
     ids = torch.randint(3, 128, (1, 50), generator=torch.Generator().manual_seed(3))
-    out = greedy(tiny_llama, ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.2, "recent_ratio": 0.2})
+    out = greedy(tiny_llama, new_tokens=12, ids=ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.2, "recent_ratio": 0.2})
     assert isinstance(out.past_key_values, H2OCache)
     assert out.past_key_values.tokens_kept() == 20
     with pytest.raises(ValueError, match="do not also pass (past_key_values|cache)"):
-        greedy(tiny_llama, ids, cache_implementation="h2o", past_key_values=H2OCache(tiny_llama.config))
+        greedy(tiny_llama, new_tokens=12, ids=ids, cache_implementation="h2o", past_key_values=H2OCache(tiny_llama.config))
     with pytest.raises(ValueError, match="unknown option"):
-        greedy(tiny_llama, ids, cache_implementation="h2o", cache_config={"budget": 3})
+        greedy(tiny_llama, new_tokens=12, ids=ids, cache_implementation="h2o", cache_config={"budget": 3})
 
 
 def test_saved_generation_config_loads(tmp_path):
@@ -215,17 +208,17 @@ def test_disable_reverts_and_enable_restores(tiny_llama):
     try:
         assert not h2o_cache.patches_enabled()
         with pytest.raises(ValueError, match="Invalid `cache_implementation`"):
-            greedy(tiny_llama, ids, cache_implementation="h2o")
+            greedy(tiny_llama, new_tokens=12, ids=ids, cache_implementation="h2o")
         with pytest.raises(RuntimeError, match="disable"):
-            greedy(tiny_llama, ids, past_key_values=H2OCache(tiny_llama.config))
-        greedy(tiny_llama, ids)  # plain transformers still works
+            greedy(tiny_llama, new_tokens=12, ids=ids, past_key_values=H2OCache(tiny_llama.config))
+        greedy(tiny_llama, new_tokens=12, ids=ids)  # plain transformers still works
     finally:
         h2o_cache.enable()
     h2o_cache.enable()  # idempotent
-    greedy(tiny_llama, ids, cache_implementation="h2o")
+    greedy(tiny_llama, new_tokens=12, ids=ids, cache_implementation="h2o")
 
 
 def test_unsupported_attention_backend_is_named(tiny_llama):
     tiny_llama.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="flex_attention"):
-        greedy(tiny_llama, torch.randint(3, 128, (1, 10)), cache_implementation="h2o")
+        greedy(tiny_llama, new_tokens=12, ids=torch.randint(3, 128, (1, 10)), cache_implementation="h2o")

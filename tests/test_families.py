@@ -10,87 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
-from transformers import DynamicCache
-
-import h2o_cache  # noqa: F401  (applies the patches)
-from h2o_cache import H2OCache
-
-BASE = dict(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=100,
-    max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-# name -> (config class, model class, overrides, what the family adds to the test)
-FAMILIES = {
-    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(num_key_value_heads=2), "GQA, RoPE"),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=None), "GQA"),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(num_key_value_heads=2), "QKV bias"),
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(num_key_value_heads=2, head_dim=16), "QK norm"),
-    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(num_key_value_heads=2, partial_rotary_factor=0.5),
-             "fused QKV, partial RoPE"),
-    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(num_key_value_heads=1, head_dim=16), "MQA"),
-    "opt": (tf.OPTConfig, tf.OPTForCausalLM, dict(ffn_dim=128, word_embed_proj_dim=64), "learned positions, no RoPE"),
-    "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(rotary_pct=0.25), "partial RoPE (25%)"),
-}
-BACKENDS = ("sdpa", "eager")
-PROMPT, NEW = 40, 24  # the 20% budget is 8 tokens; 64 tokens seen in all
-
-
-def make_model(family: str, attn: str = "sdpa", dtype=torch.float32):
-    config_cls, model_cls, overrides, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    config = config_cls(**{**BASE, **overrides})
-    config._attn_implementation = attn
-    return model_cls(config).to(dtype).eval()
-
-
-def prompt_ids(batch: int = 2, length: int = PROMPT, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 100, (batch, length), generator=generator)
-
-
-def greedy(model, ids, new_tokens=NEW, **kwargs):
-    return model.generate(
-        ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, output_logits=True,
-        return_dict_in_generate=True, **kwargs,
-    )
-
-
-def max_logit_diff(a, b) -> float:
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
-
-
-def check_exact(family: str, attn: str) -> float:
-    """Budget >= everything seen: same tokens as DynamicCache; returns the largest logit difference."""
-    model = make_model(family, attn)
-    ids = prompt_ids()
-    ref = greedy(model, ids, past_key_values=DynamicCache(config=model.config))
-    cache = H2OCache(model.config, heavy_budget=PROMPT + NEW, recent_budget=PROMPT + NEW)
-    out = greedy(model, ids, past_key_values=cache)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert cache.layers[0].evicted == 0
-    diff = max_logit_diff(out, ref)
-    assert diff < 1e-5
-    return diff
-
-
-def check_eviction(family: str, attn: str):
-    """20% budget through cache_implementation="h2o": stored size equals the budget from the first step on."""
-    model = make_model(family, attn)
-    ids = prompt_ids()
-    out = greedy(model, ids, cache_implementation="h2o", cache_config={"heavy_ratio": 0.1, "recent_ratio": 0.1})
-    cache = out.past_key_values
-    assert isinstance(cache, H2OCache)
-    assert cache.budget() == 8 and cache.tokens_kept() == 8
-    assert cache.get_seq_length() == PROMPT + NEW - 1
-    for layer in cache.layers:
-        assert layer.keys.shape[-2] == 8 + 1  # the budget plus the scratch slot
-        assert layer.positions.shape == layer.scores.shape == layer.keys.shape[:3]
-    # The prompt was attended to in full before anything was evicted.
-    ref = greedy(model, ids, new_tokens=1, past_key_values=DynamicCache(config=model.config))
-    assert (out.logits[0] - ref.logits[0]).abs().max() < 1e-5
-    assert all(torch.isfinite(step).all() for step in out.logits)
-    return out
+from fixtures import BACKENDS, FAMILIES, REFUSED, check_eviction, check_exact, max_logit_diff, prompt_ids
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
@@ -105,52 +25,6 @@ def test_eviction_at_20_percent_budget_same_on_both_backends(family):
     # Both backends score with the same arithmetic, so they evict the same tokens.
     assert torch.equal(sdpa.sequences, eager.sequences)
     assert max_logit_diff(sdpa, eager) < 1e-4
-
-
-def _gemma2():
-    return tf.Gemma2ForCausalLM(
-        tf.Gemma2Config(**{**BASE, "num_key_value_heads": 2, "head_dim": 16})
-    )
-
-
-def _gemma3():
-    return tf.Gemma3ForCausalLM(
-        tf.Gemma3TextConfig(**{**BASE, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8})
-    )
-
-
-def _mistral_sliding():
-    return tf.MistralForCausalLM(tf.MistralConfig(**{**BASE, "num_key_value_heads": 2, "sliding_window": 16}))
-
-
-def _qwen2_sliding():
-    return tf.Qwen2ForCausalLM(
-        tf.Qwen2Config(**{**BASE, "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 16,
-                          "max_window_layers": 1})
-    )
-
-
-def _t5():
-    return tf.T5ForConditionalGeneration(
-        tf.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=100, decoder_start_token_id=0)
-    )
-
-
-def _t5gemma():
-    sub = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-               num_key_value_heads=1, head_dim=16, vocab_size=100)
-    return tf.T5GemmaForConditionalGeneration(tf.T5GemmaConfig(encoder=sub, decoder=sub, vocab_size=100))
-
-
-REFUSED = {
-    "gemma2 (sliding/global hybrid)": (_gemma2, "only full-attention layers"),
-    "gemma3 (sliding/global hybrid)": (_gemma3, "only full-attention layers"),
-    "mistral sliding_window": (_mistral_sliding, "sliding-window"),
-    "qwen2 use_sliding_window": (_qwen2_sliding, "full-attention layers"),
-    "t5 (encoder-decoder)": (_t5, "encoder-decoder"),
-    # transformers 5.2's t5gemma does not override _prepare_cache_for_generation: the config check refuses it.
-    "t5gemma (own _prepare_cache_for_generation)": (_t5gemma, "builds its own cache|encoder-decoder"),
-}
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

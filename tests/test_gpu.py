@@ -12,9 +12,17 @@ import importlib.util
 
 import pytest
 import torch
-from test_families import NEW, PROMPT, greedy, make_model, max_logit_diff, prompt_ids
-from test_scoring import eager_reference
-from test_workloads import left_padded
+from fixtures import (
+    NEW,
+    PROMPT,
+    eager_reference,
+    greedy,
+    left_padded,
+    make_model,
+    max_logit_diff,
+    prompt_ids,
+    teacher_forced_logits,
+)
 from transformers import DynamicCache
 
 from h2o_cache import H2OCache
@@ -27,17 +35,6 @@ pytestmark = [
 ]
 needs_flash = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
 HALF_ATOL = 3e-2  # logits of the tiny random models are O(1); fp16 rounding over 2 layers stays well below this
-
-
-def teacher_forced_logits(model, ids: torch.Tensor, continuation: torch.Tensor, cache) -> torch.Tensor:
-    """Logits of the prompt's last position and of every continuation token, one decode step each."""
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
-        steps = [out.logits[:, -1]]
-        for t in range(continuation.shape[1]):
-            out = model(input_ids=continuation[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps, 1).float()
 
 
 def test_scoring_on_cuda_matches_eager():

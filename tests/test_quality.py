@@ -7,28 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama_config
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from h2o_cache.eval import quality
+from h2o_cache.eval import caches, perplexity, quality, retrieval, texts
 from h2o_cache.eval.lm_eval_tasks import LOCAL_TASKS, write_tasks
+from h2o_cache.eval.quality_report import write_report
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A tiny random Llama (GQA) with a byte-level tokenizer built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {chr(i): i for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "\n": 10})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(max_position_embeddings=2048)).eval()
-    return model, tokenizer
+def tiny(tiny_lm):
+    return tiny_lm
 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 30)
@@ -36,23 +23,25 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five doze
 
 def test_validation_names_the_parameter():
     with pytest.raises(ValueError, match="policies"):
-        quality.check_policies(["lru"])
+        caches.check_policies(["lru"])
     with pytest.raises(ValueError, match="budgets"):
-        quality.check_budgets([0.0])
+        caches.check_budgets([0.0])
     with pytest.raises(ValueError, match="budgets"):
-        quality.check_budgets([1.5])
+        caches.check_budgets([1.5])
     with pytest.raises(ValueError, match="tasks"):
         quality.evaluate(None, None, tasks=["mmlu"], text=TEXT)
-    assert quality.budget_tokens(0.2, 100) == (10, 10)
-    assert sum(quality.budget_tokens(0.05, 10)) == 2  # never below 2 slots
-    assert quality.configurations(["full", "h2o"], [0.1, 0.5]) == [("full", 1.0), ("h2o", 0.1), ("h2o", 0.5)]
+    assert caches.budget_tokens(0.2, 100) == 20
+    assert caches.budget_tokens(0.05, 10) == 2  # never below 2 slots
+    config = caches.h2o_config(1.0, 101)
+    assert config.heavy_budget + config.recent_budget == 101  # a budget of 1 keeps every token
+    assert caches.configurations(["full", "h2o"], [0.1, 0.5]) == [("full", 1.0), ("h2o", 0.1), ("h2o", 0.5)]
 
 
 def test_perplexity_smoke_and_full_budget_equals_full(tiny):
     model, tokenizer = tiny
     configs = [("full", 1.0), ("h2o", 1.0), ("h2o", 0.2), ("local", 0.2), ("streaming", 0.2), ("random", 0.2),
                ("h2o_no_recent", 0.2)]
-    rows = quality.run_perplexity(model, tokenizer, TEXT, configs, prompt_len=64, gen_len=12, windows=2,
+    rows = perplexity.run_perplexity(model, tokenizer, TEXT, configs, prompt_len=64, gen_len=12, windows=2,
                                   progress=False)
     assert [(r["policy"], r["budget"]) for r in rows] == configs
     assert all(math.isfinite(r["perplexity"]) and r["tokens"] == 24 for r in rows)
@@ -63,11 +52,11 @@ def test_perplexity_smoke_and_full_budget_equals_full(tiny):
 
 def test_streaming_nll_without_eviction_matches_one_forward(tiny):
     model, tokenizer = tiny
-    windows = quality.text_windows(quality.token_stream(tokenizer, TEXT), 2, 40)
+    windows = texts.text_windows(texts.token_stream(tokenizer, TEXT), 2, 40)
     from h2o_cache import H2OCache
 
     cache = H2OCache(model.config, heavy_budget=40, recent_budget=40)  # larger than everything fed
-    nll, n = quality.streaming_nll(model, windows, 20, cache)
+    nll, n = perplexity.streaming_nll(model, windows, 20, cache)
     with torch.no_grad():
         logits = model(input_ids=windows).logits[:, 20:-1].float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 21:].reshape(-1),
@@ -78,26 +67,26 @@ def test_streaming_nll_without_eviction_matches_one_forward(tiny):
 
 def test_retrieval_smoke(tiny):
     model, tokenizer = tiny
-    rows = quality.run_retrieval(model, tokenizer, TEXT * 3, [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
+    rows = retrieval.run_retrieval(model, tokenizer, TEXT * 3, [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
                                  lengths=(200,), depths=(0.0, 1.0), samples=1, progress=False)
     assert [r["cases"] for r in rows] == [2, 2, 2]
     assert all(0.0 <= r["accuracy"] <= 1.0 and set(r["cells"]) == {"len200_depth0", "len200_depth1"} for r in rows)
-    cases = quality.passkey_cases(tokenizer, quality.token_stream(tokenizer, TEXT * 3), [200], [0.5], 2)
+    cases = texts.passkey_cases(tokenizer, texts.token_stream(tokenizer, TEXT * 3), [200], [0.5], 2)
     assert all(len(c["input_ids"]) == 200 and c["key"] in tokenizer.decode(c["input_ids"]) for c in cases)
 
 
-def test_report_and_bars(tiny, tmp_path):
+def test_report_and_targets(tiny, tmp_path):
     model, tokenizer = tiny
     results = quality.evaluate(model, tokenizer, tasks=["perplexity", "retrieval"],
                                policies=["full", "h2o", "local", "streaming", "random"], budgets=[0.2, 0.5],
                                text=TEXT * 3, prompt_len=48, gen_len=4, windows=1, retrieval_lengths=[200],
                                retrieval_depths=[0.5], retrieval_samples=1, progress=False)
-    paths = quality.write_report(results, tmp_path)
+    paths = write_report(results, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert len(data["rows"]) == 2 * 9
-    assert any(b["bar"].startswith("perplexity: h2o @ 20% within") for b in data["bars"])
+    assert any(b["target"].startswith("perplexity: h2o @ 20% within") for b in data["targets"])
     md = paths["md"].read_text()
-    assert "| policy | 20% | 50% |" in md and "## bars" in md
+    assert "| policy | 20% | 50% |" in md and "## targets" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "retrieval.png").stat().st_size > 0
 
@@ -189,7 +178,7 @@ def test_lm_eval_rejects_bad_options(tiny):
 def test_embedded_model_h2o_vs_local(smollm):
     """On the real model, a quick look: H2O's streaming perplexity at 20% is no worse than local's."""
     model, tokenizer = smollm
-    rows = quality.run_perplexity(model, tokenizer, quality.load_text(), [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
+    rows = perplexity.run_perplexity(model, tokenizer, texts.load_text(), [("full", 1.0), ("h2o", 0.2), ("local", 0.2)],
                                   prompt_len=256, gen_len=16, windows=1, progress=False)
     full, h2o, local = (r["perplexity"] for r in rows)
     assert h2o <= local * 1.05

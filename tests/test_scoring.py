@@ -2,27 +2,12 @@
 
 import pytest
 import torch
+from fixtures import eager_reference
 from transformers import DynamicCache
 
 from h2o_cache import H2OCache
 from h2o_cache.config import DEFAULT_PREFILL_CHUNK_BYTES
 from h2o_cache.scoring import attention_with_mass, chunk_size_for, mass_from_weights
-
-
-def eager_reference(q, k, v, scaling, key_valid=None):
-    """Plain attention with repeated KV heads; the last q keys are causal w.r.t. the queries."""
-    bsz, hq, q_len, _ = q.shape
-    hkv, k_len = k.shape[1], k.shape[2]
-    rep = hq // hkv
-    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    logits = (q @ kr.transpose(-1, -2)) * scaling
-    past = k_len - q_len
-    causal = torch.arange(k_len)[None, :] > (past + torch.arange(q_len))[:, None]
-    logits = logits.masked_fill(causal, float("-inf"))
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid.repeat_interleave(rep, 1)[:, :, None, :], float("-inf"))
-    probs = logits.softmax(-1)
-    return (probs @ vr).transpose(1, 2), probs
 
 
 @pytest.mark.parametrize("q_len, k_len, chunk", [(1, 9, None), (7, 7, 3), (5, 12, 2), (16, 16, 16), (16, 16, 1)])

@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import left_padded, make_model, max_logit_diff, prompt_ids, teacher_forced_logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_families import make_model, max_logit_diff, prompt_ids
 from transformers import DynamicCache
 
 from h2o_cache import H2OCache
 
 H, R = 4, 4  # an absolute budget of 8, 20% of the 40-token prompts
-
-
-def teacher_forced_logits(model, prompt, continuation, heavy=H, recent=R):
-    """Logits predicting each token of ``continuation`` (1-D) after ``prompt`` (1-D), decoded one by one."""
-    cache = H2OCache(model.config, heavy_budget=heavy, recent_budget=recent)
-    with torch.no_grad():
-        logits = [model(prompt[None], past_key_values=cache).logits[0, -1]]
-        for token in continuation[:-1]:
-            logits.append(model(token.view(1, 1), past_key_values=cache).logits[0, -1])
-    return torch.stack(logits)
-
-
-def left_padded(seqs, pad_id=0):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):], mask[i, width - len(s):] = s, 1
-    return ids, mask
 
 
 def run_padded_vs_alone(model, lengths, heavy, recent, new_tokens=20):
@@ -124,7 +105,8 @@ def test_sampling_with_num_return_sequences(budget):
         assert torch.equal(out.sequences, ref.sequences) and max_logit_diff(out, ref) < 1e-5
     logits = torch.stack(out.logits, dim=1)  # [6, new, vocab]
     for row in range(6):  # batch_repeat_interleave gave every copy its prompt's full state
-        forced = teacher_forced_logits(model, ids[row // 3], out.sequences[row, 40:], heavy, recent)
+        cache = H2OCache(model.config, heavy_budget=heavy, recent_budget=recent)
+        forced = teacher_forced_logits(model, ids[row // 3][None], out.sequences[row, 40:-1][None], cache)[0]
         assert (forced - logits[row]).abs().max() < 1e-4
 
 
@@ -152,7 +134,8 @@ def test_beam_search_reorders_scores_with_keys(attn):
     assert out.past_key_values.tokens_kept() == H + R
     for row in range(6):
         new = out.sequences[row, 40:]
-        logprobs = torch.log_softmax(teacher_forced_logits(model, ids[row // 3], new), dim=-1)
+        cache = H2OCache(model.config, heavy_budget=H, recent_budget=R)
+        logprobs = torch.log_softmax(teacher_forced_logits(model, ids[row // 3][None], new[None, :-1], cache)[0], dim=-1)
         total = logprobs.gather(1, new[:, None]).sum()
         assert abs(total.item() - out.sequences_scores[row].item()) < 1e-4
 

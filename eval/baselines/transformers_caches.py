@@ -27,11 +27,10 @@ def quantized_backend() -> tuple[str | None, str | None]:
 
 
 def make_cache(kind: str, model: Any, *, nbits: int = 4) -> tuple[Any | None, str | None]:
-    """A fresh cache of ``kind`` (``dynamic``, ``offloaded`` or ``quantized``) for ``model``."""
+    """A fresh cache of ``kind`` (``offloaded`` or ``quantized``) for ``model``; ``full`` (``DynamicCache``) is
+    built by ``h2o_cache.eval.caches.make_cache``."""
     from transformers import DynamicCache
 
-    if kind == "dynamic":
-        return DynamicCache(config=model.config), None
     if kind == "offloaded":
         # Offloading moves each layer's KV to CPU after use and prefetches it back; it exists for accelerators.
         device = next(model.parameters()).device
