@@ -214,7 +214,7 @@ def _add_serve_parser(subparsers) -> None:
     help_text = ("an OpenAI-compatible server (transformers serve) with H2O on by default; requests may send "
                  "their own generation_config (cache_implementation, cache_config)")
     parser = subparsers.add_parser("serve", help=help_text, description=help_text)
-    _add_model_options(parser)
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
     parser.add_argument("--no-h2o", action="store_true",
@@ -231,10 +231,11 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if not is_serve_available():
         raise SystemExit('h2o-cache serve needs the serving extra: pip install "h2o-cache[serve]"')
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    check_device(args.device)
+    check_attn_implementation(args.attn_implementation, args.device)
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535 (got {args.port})")
     h2o = None if args.no_h2o else h2o_config_from_args(args)
     serve(args.model, h2o, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           attn_implementation=args.attn_implementation, log_level=args.log_level)
