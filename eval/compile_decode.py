@@ -22,14 +22,10 @@ import time
 import torch
 
 from h2o_cache import H2OCache
-from h2o_cache.models import load_model, reference_text
+from h2o_cache.models import load_model
 
-
-def prompts(tokenizer, batch: int, prompt_len: int) -> torch.Tensor:
-    ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0]
-    if ids.numel() < batch * prompt_len:
-        raise ValueError(f"batch*prompt_len={batch * prompt_len} exceeds the reference text ({ids.numel()} tokens)")
-    return ids[: batch * prompt_len].view(batch, prompt_len)
+from .caches import h2o_config
+from .texts import prompt_batch
 
 
 def decode(forward, cache, token: torch.Tensor, start: int, steps: int) -> tuple[list[float], torch.Tensor]:
@@ -70,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model()
-    ids = prompts(tokenizer, args.batch, args.prompt_len)
-    cache = H2OCache(model.config, heavy_ratio=args.budget / 2, recent_ratio=args.budget / 2)
+    ids = prompt_batch(tokenizer, model.config.vocab_size, args.batch, args.prompt_len)
+    cache = H2OCache(model.config, h2o_config(args.budget, args.prompt_len))
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(ids, past_key_values=cache, logits_to_keep=1)

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from h2o_cache.compat import cache_kwargs
+from h2o_cache.runner import kv_bytes
 
-from .throughput import cache_kv_bytes, h2o_budget_tokens, memory_bandwidth, weight_bytes
+from .caches import h2o_config
+from .memory import memory_bandwidth, weight_bytes
 
 # meta-llama/Meta-Llama-3-8B config.json
 LLAMA3_8B = dict(
@@ -69,8 +71,7 @@ def _new_cache(system: str, model: Any, context: int, total: int, budget: float)
         return StaticCache(config=model.config, max_cache_len=total)
     from h2o_cache import H2OCache
 
-    heavy, recent = h2o_budget_tokens(budget, context)
-    return H2OCache(model.config, heavy_budget=heavy, recent_budget=recent)
+    return H2OCache(model.config, h2o_config(budget, context))
 
 
 def decode_run(model: Any, system: str, context: int, *, steps: int, warmup: int, budget: float) -> dict[str, Any]:
@@ -121,7 +122,7 @@ def decode_run(model: Any, system: str, context: int, *, steps: int, warmup: int
         _sync(device)
         elapsed = time.perf_counter() - t0
     embed = model.get_input_embeddings().weight
-    step_bytes = weight_bytes(model) - embed.numel() * embed.element_size() + (cache_kv_bytes(cache) or 0)
+    step_bytes = weight_bytes(model) - embed.numel() * embed.element_size() + (kv_bytes(cache) or 0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     decode.set_fused_decode(True)
     h2o_cache.enable()
