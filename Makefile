@@ -57,6 +57,9 @@ test-low: $(LOW)/.installed
 # (torch's sdpa on CUDA runs its own FlashAttention-2 kernel either way).
 GPU_PY   ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 GPU_PATH := build/gpu-path
+# -P: the repository root must not come first on sys.path, or its h2o_cache/ (without patches/ and eval/ inside)
+# shadows the path of links (Python >= 3.11; found on the first GPU run).
+GPU_RUN   = $(GPU_PY) $$($(GPU_PY) -c "import sys; print('-P' if sys.version_info >= (3, 11) else '')")
 gpu-check:
 	@if ! $(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	  echo "skipped: needs CUDA"; exit 0; fi; \
@@ -66,9 +69,9 @@ gpu-check:
 	for m in triton flash_attn; do $(GPU_PY) -c "import $$m" 2>/dev/null && echo "$$m: available" \
 	  || echo "$$m: not importable (its GPU tests skip)"; done; \
 	export PYTHONPATH="$$PWD/$(GPU_PATH)"; \
-	$(GPU_PY) -c "import h2o_cache, sys; print('h2o_cache from', h2o_cache.__file__)" && \
-	$(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernel.py; tests=$$?; \
-	timeout 420 $(GPU_PY) -m h2o_cache.eval.gpu_check; bench=$$?; \
+	$(GPU_RUN) -c "import h2o_cache, sys; print('h2o_cache from', h2o_cache.__file__)" && \
+	$(GPU_RUN) -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernel.py; tests=$$?; \
+	timeout 420 $(GPU_RUN) -m h2o_cache.eval.gpu_check; bench=$$?; \
 	echo "gpu tests: exit $$tests; benchmark: exit $$bench"; test $$tests = 0 -a $$bench = 0
 
 # The cheap documented benchmark runs (docs/benchmarks/*.md); results go to results/.

@@ -138,7 +138,7 @@ def test_kernel_on_cuda_matches_torch_path(name, dtype_name):
     query_valid[0] = False
     kwargs = dict(scaling=dim**-0.5, key_valid=valid, query_valid=query_valid, aggregation=aggregation)
     decode.set_fused_decode(True)
-    assert decode.fused_decode_available(), "triton must import on a CUDA machine (the kernel is the default there)"
+    assert decode.fused_decode_available(), "triton must import on a CUDA machine"
     out, mass = decode.decode_attention_with_mass(q, k, v, **kwargs)  # the dispatcher's own choice
     ref_out, ref_mass = attention_with_mass(q, k, v, **kwargs)
     _check(out, mass, ref_out, ref_mass, kwargs, dtype_name)
@@ -176,17 +176,21 @@ def test_unsupported_calls_rejected_and_cpu_dispatch_uses_torch():
         decode.fused_decode_attention(q.expand(1, 4, 2, 16), k, v, scaling=0.25)
     with pytest.raises(ValueError, match="aggregation"):
         decode.fused_decode_attention(q, k, v, scaling=0.25, aggregation="sum")
-    # On CPU the dispatcher takes the torch path (the kernel is the default on CUDA only).
+    # On CPU the dispatcher takes the torch path (the kernel runs on CUDA only).
     out, mass = decode.decode_attention_with_mass(q, k, v, scaling=0.25)
     ref_out, ref_mass = attention_with_mass(q, k, v, scaling=0.25)
     assert torch.equal(out, ref_out) and torch.equal(mass, ref_mass)
 
 
 def test_switch(monkeypatch):
-    monkeypatch.setattr(decode, "_enabled", True)
+    monkeypatch.delenv("H2O_FUSED_DECODE", raising=False)
+    monkeypatch.setattr(decode, "_enabled", False)
+    assert not decode.fused_decode_available(), "off by default until it passes its CUDA tests"
+    monkeypatch.setenv("H2O_FUSED_DECODE", "1")
+    assert decode.fused_decode_available()
+    monkeypatch.delenv("H2O_FUSED_DECODE")
+    decode.set_fused_decode(True)
     assert decode.fused_decode_available()
     monkeypatch.setenv("H2O_FUSED_DECODE", "0")
     assert not decode.fused_decode_available()
-    monkeypatch.delenv("H2O_FUSED_DECODE")
     decode.set_fused_decode(False)
-    assert not decode.fused_decode_available()
