@@ -76,5 +76,5 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
         rows_t = [{**t, "met": "yes" if t["met"] else "NO"} for t in results["targets"]]
         md.append("\n## targets\n\n" + report.markdown_table(rows_t, ["target", "h2o", "other", "met"]))
     paths["md"] = out_dir / "results.md"
-    paths["md"].write_text("".join(md))
+    report.write_text(paths["md"], "".join(md))
     return paths

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from h2o_cache.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +20,15 @@ def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (creating parent folders); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` whole (temporary file + rename): an interrupted run never leaves half a report."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -72,6 +82,7 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequ
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

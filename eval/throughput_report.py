@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .caches import FULL
-from .report import line_plot, markdown_table, write_json
+from .report import line_plot, markdown_table, write_json, write_text
 
 COLUMNS = ["system", "cache", "budget_pct", "budget_tokens", "batch", "prefill_micro_batch", "prompt_len", "gen",
            "prefill_tok_s",
@@ -76,7 +76,7 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     if skipped:
         md += ["\n## Skipped / failed\n", markdown_table(skipped, ["system", "cache", "status", "reason"])]
     paths["markdown"] = out_dir / "throughput.md"
-    paths["markdown"].write_text("\n".join(md))
+    write_text(paths["markdown"], "\n".join(md))
     plots = _plots(results, out_dir)
     paths.update(plots)
     return paths
