@@ -85,7 +85,7 @@ def h2o_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention of one H2O layer's step; returns ``(output [B, q, Hq, D], None)``."""
     check_attention_call(module, kwargs)
-    config = layer.config
+    config = layer.h2o_config
     n_new, k_len = query.shape[2], key.shape[2]
     new_valid = new_token_validity(attention_mask, n_new)
     layer.mark_new_tokens_valid(new_valid)

@@ -77,10 +77,10 @@ class H2OLayer(CacheLayerMixin):
     # Evicted tokens are gone, so a rollback (assisted decoding) cannot be honoured.
     is_croppable = False
 
-    def __init__(self, config: H2OConfig, layer_idx: int, prompt_length: int | None = None):
+    def __init__(self, h2o_config: H2OConfig, layer_idx: int, prompt_length: int | None = None):
         super().__init__()
-        self.config = config
-        self.policy = get_policy(config.policy)
+        self.h2o_config = h2o_config
+        self.policy = get_policy(h2o_config.policy)
         self.layer_idx = layer_idx
         self.prompt_length = prompt_length  # what ratio budgets resolve against; None: the first update's length
         self.seen = 0
@@ -144,9 +144,9 @@ class H2OLayer(CacheLayerMixin):
             if not patches_enabled():  # else the whole prefill runs before the unclaimed layer is noticed
                 raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before using an H2OCache")
             if self.layer_idx == 0:
-                self.config.warn_if_small(self.prompt_length or q_len)
-            heavy, recent = self.config.token_budgets(self.prompt_length or q_len)
-            self.heavy, self.recent = self.policy.split(heavy, recent, self.config)
+                self.h2o_config.warn_if_small(self.prompt_length or q_len)
+            heavy, recent = self.h2o_config.token_budgets(self.prompt_length or q_len)
+            self.heavy, self.recent = self.policy.split(heavy, recent, self.h2o_config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
 
         if self.slot_mode and q_len == 1:
@@ -206,7 +206,7 @@ class H2OLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
-        self.__init__(self.config, self.layer_idx, self.prompt_length)
+        self.__init__(self.h2o_config, self.layer_idx, self.prompt_length)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
@@ -277,7 +277,7 @@ class H2OLayer(CacheLayerMixin):
 
     def _priority(self) -> torch.Tensor:
         positions = self._materialised_positions()
-        prio = self.policy.priority(self.scores, positions, self.seen, self.config)
+        prio = self.policy.priority(self.scores, positions, self.seen, self.h2o_config)
         if self.valid is not None:
             # Padding is evicted first and never chosen as a heavy hitter.
             prio = prio.masked_fill(~self.valid, -_POS_INF)
@@ -331,12 +331,12 @@ class H2OLayer(CacheLayerMixin):
             return (layer.is_initialized, layer.seen, layer.heavy, layer.recent, layer.slot_mode, layer.evicted,
                     shape, layer.awaiting_attention)
 
-        if any(layer.config != first.config or state(layer) != state(first) for layer in layers):
+        if any(layer.h2o_config != first.h2o_config or state(layer) != state(first) for layer in layers):
             raise ValueError(
                 "H2OCache.concatenate: the caches differ in budget or tokens seen; concatenate only caches of "
                 "prompts with one padded width, prefilled the same way and each after a complete forward"
             )
-        out = cls(first.config, first.layer_idx, first.prompt_length)
+        out = cls(first.h2o_config, first.layer_idx, first.prompt_length)
         if not first.is_initialized:
             return out
         out.dtype, out.device, out.is_initialized = first.dtype, first.device, True
