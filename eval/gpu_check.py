@@ -2,7 +2,7 @@
 
 A random-weight ``LlamaForCausalLM`` with Llama-3-8B's real configuration in bfloat16 is prefilled with random
 tokens to each context length (16k and 32k by default), then decodes ``--steps`` tokens one at a time, timed
-after ``--warmup`` steps. Systems: DynamicCache (sdpa, which on CUDA dispatches to its FlashAttention-2 kernel),
+after ``--warmup`` steps. Systems: full (DynamicCache, sdpa, which on CUDA dispatches to its FlashAttention-2 kernel),
 StaticCache with ``torch.compile(mode="reduce-overhead")``, and an H2OCache at a 20% budget through the torch
 path, the fused Triton kernel (``h2o_cache.kernels``), and the torch path under ``torch.compile``.
 
@@ -41,7 +41,7 @@ TINY = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=256, max_position_embeddings=1024, rope_theta=500000.0, tie_word_embeddings=False,
 )
-SYSTEMS = ("dynamic", "static+compile", "h2o-torch", "h2o-fused", "h2o-compiled")
+SYSTEMS = ("full", "static+compile", "h2o-torch", "h2o-fused", "h2o-compiled")
 # A failure here is the project's bug; a compiled H2O step that does not compile is reported without failing
 # the check (the decode step is being made traceable separately).
 OPTIONAL = ("h2o-compiled",)
@@ -65,7 +65,7 @@ def _sync(device: torch.device) -> None:
 def _new_cache(system: str, model: Any, context: int, total: int, budget: float) -> Any:
     from transformers import DynamicCache, StaticCache
 
-    if system == "dynamic":
+    if system == "full":
         return DynamicCache(config=model.config)
     if system == "static+compile":
         return StaticCache(config=model.config, max_cache_len=total)

@@ -65,7 +65,7 @@ def evaluate(model: Any, tokenizer: Any, *, tasks: Sequence[str] = TASKS, polici
              lm_eval_budgets: Sequence[float] | None = None, lm_eval_include_path: str | None = None,
              h2o_options: dict | None = None, seed: int = 0, model_name: str = "model", progress: bool = True
              ) -> dict[str, Any]:
-    """Run the chosen tasks for every (policy, budget); returns ``{"settings", "rows", "bars", ...}``."""
+    """Run the chosen tasks for every (policy, budget); returns ``{"settings", "rows", "targets", ...}``."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks: {unknown} not supported; choose from {list(TASKS)}")
