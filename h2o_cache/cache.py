@@ -20,8 +20,9 @@ The link between ``update`` (which has no query) and the attention function (whi
 cache marks the updated layer as *pending* in a thread-local slot; the wrapped attention functions registered by
 ``h2o_cache.patches`` claim it for the module with the same ``layer_idx``. A thread-local attribute, not a
 ``ContextVar``: dynamo traces (and guards on) attribute reads and writes of a ``threading.local`` but cannot trace
-``ContextVar.get``, and the wrapper runs inside every model's forward, H2O or not, compiled or not. A layer whose attention never claimed
-it (a model whose attention bypasses transformers' attention registry) is reported at its next update.
+``ContextVar.get``, and the wrapper runs inside every model's forward, H2O or not, compiled or not. A layer whose
+attention never claimed it (a model whose attention bypasses transformers' attention registry) is reported at its
+next update.
 
 Masks: transformers builds one mask for all layers from ``get_mask_sizes`` and assumes stored tokens are
 contiguous positions, which evicted, per-head token sets are not. ``get_mask_sizes`` returns
