@@ -51,7 +51,8 @@ test-low: $(LOW)/.installed
 	$(LOW)/bin/python -m pytest -q -p no:cacheprovider $(LOW_TESTS)
 
 # On a CUDA machine, from a fresh clone, with what the machine has (installs nothing, never touches torch):
-# the GPU tests, then the decode benchmark (eval/gpu_check.py) of a Llama-3-8B-shaped model at 16k and 32k.
+# the GPU tests (one line per failure on screen, full tracebacks in build/gpu-tests.xml, so a short device
+# slot still shows why), then the decode benchmark (eval/gpu_check.py) of a Llama-3-8B-shaped model at 16k and 32k.
 # The checkout runs through a path of links (build/gpu-path/h2o_cache: the package plus patches/ and eval/ as
 # its subpackages, as an install lays them out). flash-attn is used when importable, else its tests skip
 # (torch's sdpa on CUDA runs its own FlashAttention-2 kernel either way).
@@ -70,7 +71,8 @@ gpu-check:
 	  || echo "$$m: not importable (its GPU tests skip)"; done; \
 	export PYTHONPATH="$$PWD/$(GPU_PATH)"; \
 	$(GPU_RUN) -c "import h2o_cache, sys; print('h2o_cache from', h2o_cache.__file__)" && \
-	$(GPU_RUN) -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernel.py; tests=$$?; \
+	$(GPU_RUN) -m pytest -q -p no:cacheprovider -m gpu --tb=line -rfE --junitxml=build/gpu-tests.xml \
+	  tests/test_gpu.py tests/test_kernel.py; tests=$$?; \
 	timeout 420 $(GPU_RUN) -m h2o_cache.eval.gpu_check; bench=$$?; \
 	echo "gpu tests: exit $$tests; benchmark: exit $$bench"; test $$tests = 0 -a $$bench = 0
 

@@ -194,3 +194,47 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("H2O_FUSED_DECODE", "0")
     assert not decode.fused_decode_available()
     decode.set_fused_decode(False)
+
+
+# Triton's interpreter accepts kernels its compiler refuses (the first GPU run failed on a plain global read in the
+# kernel after every interpreted test passed), so the kernels are also compiled, down to a cubin, for the GPUs
+# users have: no GPU is needed for that. (arch, dtypes): Turing T4 has no bf16; Ampere, Ada and Hopper.
+_ARCHES = {75: ("fp16", "fp32"), 80: ("bf16", "fp16", "fp32"), 89: ("bf16", "fp16"), 90: ("bf16", "fp16", "fp32")}
+_POINTERS = {"partial_kernel": {"Q": None, "K": None, "V": None, "KV_VALID": "u8", "LOGITS": "fp32", "PM": "fp32",
+                                "PL": "fp32", "PACC": "fp32"},
+             "combine_kernel": {"LOGITS": "fp32", "PM": "fp32", "PL": "fp32", "PACC": "fp32", "OUT": None,
+                                "MASS": "fp32", "Q_VALID": "u8"}}
+
+
+def _compile_for_cuda(kernel_name, dtype, arch, **constexprs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from h2o_cache.kernels import _triton_decode
+
+    fn = getattr(_triton_decode, kernel_name)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS[kernel_name]:
+            signature[name] = "*" + (_POINTERS[kernel_name][name] or dtype)
+        else:
+            signature[name] = "fp32" if name == "scaling" else "i32"
+    consts = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    return triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles kernels; the interpreter is on")
+@pytest.mark.parametrize("arch", list(_ARCHES))
+def test_kernels_compile_for_cuda_gpus(arch):
+    # The specialisations the dispatcher launches: GQA groups of 1 (MHA) to 8, head_dim 64 / 128, with and
+    # without padding and mass.
+    for dtype in _ARCHES[arch]:
+        for groups, dim, flags in ((4, 128, True), (1, 64, False), (8, 64, True)):
+            common = dict(G=groups, BLOCK_G=16, BLOCK_N=decode.BLOCK_N, D=dim, NEED_MASS=flags)
+            partial = _compile_for_cuda("partial_kernel", dtype, arch, HAS_VALID=flags, IEEE=dtype == "fp32",
+                                        UPCAST=False, **common)
+            combine = _compile_for_cuda("combine_kernel", dtype, arch, HAS_QVALID=flags, MEAN=flags, **common)
+            assert partial.asm["cubin"] and combine.asm["cubin"]

@@ -26,7 +26,9 @@ import triton.language as tl
 
 # Masked slots get the float32 minimum, as in the torch path, not -inf: a row whose every slot is masked then
 # softmaxes to the same uniform distribution in both paths instead of NaN. -inf is kept for tile lanes past the end.
-NEG = -3.4028234663852886e38
+# A constexpr: Triton's compiler refuses a kernel that reads a plain global (its interpreter does not, which is how
+# the first GPU run failed after passing every CPU test; tests/test_kernel.py now compiles for sm_90 on CPU too).
+NEG = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit

@@ -6,8 +6,10 @@ steps on CUDA when triton is installed, and the torch path otherwise. Triton is 
 this module imports, and the package runs, without it.
 
 The kernel is OFF by default: it matches the torch path through Triton's CPU interpreter (tests/test_kernel.py),
-but its first run on a real GPU (H100, 2026-11-26) failed tests/test_kernel.py's CUDA cases before the cause could
-be looked at. ``H2O_FUSED_DECODE=1`` in the environment (read at each call) or ``set_fused_decode(True)`` turns it
+but its first run on a real GPU (H100, 2026-11-26) failed tests/test_kernel.py's CUDA cases. The cause, found
+afterwards without a GPU by compiling the kernels for sm_75..sm_90 on CPU (now a CI test): the kernel read a
+plain Python global, which Triton's compiler refuses and its interpreter accepts. The kernels now compile to
+cubins; their numbers on a GPU are still unchecked, so the switch stays off until a GPU run passes. ``H2O_FUSED_DECODE=1`` in the environment (read at each call) or ``set_fused_decode(True)`` turns it
 on; ``H2O_FUSED_DECODE=0`` keeps it off whatever the process set.
 
 The kernel reads each kept slot's key and value once per step: all query heads of a KV head are rows of one tile
