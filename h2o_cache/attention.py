@@ -92,7 +92,7 @@ def h2o_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     chunk = config.prefill_chunk_size or chunk_size_for(
-        query.shape[0], query.shape[1], k_len, config.prefill_chunk_bytes
+        query.shape[0], query.shape[1], k_len, config.chunk_bytes(query.device.type)
     )
     need_mass = layer.policy.needs_scores
     common = dict(

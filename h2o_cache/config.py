@@ -22,6 +22,10 @@ DEFAULT_RECENT_RATIO = 0.1
 # ops that touch them: on the development machine (2 MiB of L2 per core) blocks of 4-9 MiB ran 1.3-1.7x faster
 # than blocks of 18-72 MiB, at every batch and prompt length measured.
 DEFAULT_PREFILL_CHUNK_BYTES = 8 * 2**20
+# On a GPU the same 8 MiB gives a 32k-token prompt of an 8B model two queries per chunk, and the scoring of one
+# prompt becomes ~500k tiny kernel launches (the first H100 run's H2O rows never finished): there a chunk is sized
+# by memory instead (256 MiB: 64-128 queries at 16-32k tokens, 32 heads).
+ACCELERATOR_PREFILL_CHUNK_BYTES = 256 * 2**20
 
 # Ratio budgets below this many tokens (short prompts) are logged as a warning: a 42-token chat prompt at
 # 10% + 10% keeps 8 tokens for the whole generation, and its answers degrade visibly.
@@ -53,7 +57,8 @@ class H2OConfig:
         prefill_chunk_size: queries per chunk when scoring a prompt; ``None`` picks it from
             ``prefill_chunk_bytes``. Peak scoring memory is O(prompt length x chunk).
         prefill_chunk_bytes: the most bytes one chunk's float32 attention block may take when
-            ``prefill_chunk_size`` is None (default 8 MiB, sized to stay in the CPU's cache).
+            ``prefill_chunk_size`` is None. ``None`` (default): 8 MiB on CPU, sized to stay in its cache, and
+            256 MiB on GPUs, where launches, not the cache, are what a small chunk costs.
         seed: seed of the ``random`` policy.
         min_budget: a floor, in tokens, for ratio budgets (0: none): when the ratios give a prompt fewer tokens,
             the cache keeps ``min_budget`` tokens instead, split between heavy and recent in the ratios'
@@ -73,7 +78,7 @@ class H2OConfig:
     gqa_aggregation: str = "mean"
     score_normalization: str = "none"
     prefill_chunk_size: int | None = None
-    prefill_chunk_bytes: int = DEFAULT_PREFILL_CHUNK_BYTES
+    prefill_chunk_bytes: int | None = None
     seed: int = 0
     min_budget: int = 0
 
@@ -124,11 +129,18 @@ class H2OConfig:
         _check_choice("gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
         _check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
         _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("prefill_chunk_bytes", self.prefill_chunk_bytes, 1)
+        if self.prefill_chunk_bytes is not None:
+            _check_int("prefill_chunk_bytes", self.prefill_chunk_bytes, 1)
         if self.prefill_chunk_size is not None:
             _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("min_budget", self.min_budget, 0)
+
+    def chunk_bytes(self, device_type: str) -> int:
+        """``prefill_chunk_bytes``, or its default for a device of this type (``"cpu"``, ``"cuda"``, ...)."""
+        if self.prefill_chunk_bytes is not None:
+            return self.prefill_chunk_bytes
+        return DEFAULT_PREFILL_CHUNK_BYTES if device_type == "cpu" else ACCELERATOR_PREFILL_CHUNK_BYTES
 
     @property
     def uses_ratios(self) -> bool:

@@ -53,6 +53,18 @@ def test_chunk_size_bounds_the_block():
     assert chunk_size_for(1, 9, 512, DEFAULT_PREFILL_CHUNK_BYTES) == 128
 
 
+def test_chunk_bytes_default_depends_on_the_device():
+    from h2o_cache.config import H2OConfig
+
+    config = H2OConfig()
+    assert config.chunk_bytes("cpu") == DEFAULT_PREFILL_CHUNK_BYTES
+    # A 32k prompt of Llama-3-8B (32 heads) on a GPU gets 64 queries per chunk, not 2 (half a million launches).
+    assert chunk_size_for(1, 32, 32768, config.chunk_bytes("cuda")) == 64
+    assert H2OConfig(prefill_chunk_bytes=2**20).chunk_bytes("cuda") == 2**20
+    with pytest.raises(ValueError, match="prefill_chunk_bytes"):
+        H2OConfig(prefill_chunk_bytes=0)
+
+
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_prefill_scores_equal_eager_column_sums(tiny_llama, attn, padded):
