@@ -64,6 +64,26 @@ def test_packed_decode_equals_attention_over_the_dequantised_cache(axis, policy)
             assert layer.stored == layer.seen
 
 
+def test_padding_chosen_inside_the_residual_takes_the_full_precision_path():
+    """A victim past the mover (padding inside the residual) is evicted through the base layer's slots, and the
+    layout (packed, then the newest tokens in order) is rebuilt."""
+    config = H2OConfig(heavy_budget=4, recent_budget=4, kv_key_axis="token", **{**Q4, "kv_residual": 3})
+    layer = QuantizedH2OLayer(config, 0)
+    gen = torch.Generator().manual_seed(4)
+    step(layer, torch.randn(1, 1, 12, 16, generator=gen), torch.randn(1, 1, 12, 16, generator=gen),
+         torch.randn(1, 1, 12, 16, generator=gen))
+    p = layer.packed_slots
+    layer.valid = torch.ones(1, 1, layer._num_slots(), dtype=torch.bool)
+    layer.valid[0, 0, p + 2] = False  # as if the residual's second token were padding
+    padded_position = int(layer.positions[0, 0, p + 2])
+    _, mass = step(layer, torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen),
+                   torch.randn(1, 1, 1, 16, generator=gen))
+    assert layer.packed_slots == p and layer.stored == 8
+    kept = layer.positions[0, 0, :8].tolist()
+    assert padded_position not in kept and len(set(kept)) == 8
+    assert layer.positions[0, 0, p : p + 3].tolist() == sorted(kept)[-3:]
+
+
 def test_moved_tokens_are_stored_as_their_quantised_values():
     """A decode step's mover lands in the victim's slot as its own quantisation (per-token axis)."""
     config = H2OConfig(heavy_budget=6, recent_budget=2, policy="local", kv_key_axis="token", **Q4)
