@@ -25,6 +25,7 @@ import torch
 
 from .cache import H2OLayer
 from .kernels.decode import decode_attention_with_mass
+from .quantized import QuantizedH2OLayer, packed_decode_attention
 from .scoring import attention_with_mass, chunk_size_for, mass_from_weights
 from .support import check_attention_call
 
@@ -113,6 +114,9 @@ def h2o_attention(
             mass = mass_from_weights(weights, key.shape[1], new_valid, config.gqa_aggregation)
         elif need_mass:
             _, mass = attention_with_mass(query, key, None, **common)
+    elif isinstance(layer, QuantizedH2OLayer) and layer.packed_slots:
+        # A one-query step over packed storage (multi-token steps unpack first): read in place, chunk by chunk.
+        output, mass = packed_decode_attention(layer, query, need_mass=need_mass, **common)
     else:
         # One-query steps on CUDA run the fused Triton kernel when it applies (h2o_cache.kernels.decode; off with
         # H2O_FUSED_DECODE=0); everything else takes attention_with_mass.

@@ -11,6 +11,8 @@ Storage (``H2OLayer``), per layer, shaped ``[batch, kv_heads, slots, head_dim]``
 - Each (sequence, KV head) keeps its own set of tokens, so slots hold different positions per head; the layer
   records each slot's sequence index (``positions``), its accumulated attention (``scores``, float32 whatever
   the model dtype) and, once padding was seen, whether it is a real token (``valid``).
+- With ``H2OConfig.kv_bits`` the cache creates ``QuantizedH2OLayer`` (``h2o_cache.quantized``) instead: the same
+  slots and eviction, with the kept keys and values stored as packed integers (``layer_class``).
 
 Order within a step: update (store) -> attention over stored + new tokens (``h2o_cache.attention``) -> scores
 accumulate -> evict. Eviction happens after the step has attended, and the newest token is always in the
@@ -77,6 +79,13 @@ class H2OLayer(CacheLayerMixin):
     is_compileable = True
     # Evicted tokens are gone, so a rollback (assisted decoding) cannot be honoured.
     is_croppable = False
+    # Every tensor held per stored token, by what it is for: `_apply` moves them together and `kv_bytes` counts
+    # them all (a subclass with another storage lists its own).
+    _BYTE_GROUPS: dict[str, tuple[str, ...]] = {
+        "keys": ("keys",), "values": ("values",), "quant_params": (), "bookkeeping": ("scores", "positions", "valid"),
+    }
+    # Scalar state that `concatenate` requires equal and copies.
+    _STATE: tuple[str, ...] = ("seen", "heavy", "recent", "slot_mode", "evicted")
 
     def __init__(self, h2o_config: H2OConfig, layer_idx: int, prompt_length: int | None = None):
         super().__init__()
@@ -88,7 +97,7 @@ class H2OLayer(CacheLayerMixin):
         self.heavy: int | None = None  # slots, fixed by the first update (the prompt)
         self.recent: int | None = None
         self.scores: torch.Tensor | None = None  # [B, H, S] float32, only for policies that rank by attention
-        self.positions: torch.Tensor | None = None  # [B, H, S] int64, materialised at the first eviction
+        self.positions: torch.Tensor | None = None  # [B, H, S] int32, materialised at the first eviction
         self.valid: torch.Tensor | None = None  # [B, H, S] bool, materialised when padding is first seen
         self.slot_mode = False  # True once the layer holds budget + 1 slots
         self.new_tokens = 0  # tokens added by the current step
@@ -114,7 +123,11 @@ class H2OLayer(CacheLayerMixin):
         """Tokens kept per (sequence, head), the scratch slot excluded."""
         if not self.is_initialized:
             return 0
-        return self.budget if self.slot_mode else self.keys.shape[-2]
+        return self.budget if self.slot_mode else self._num_slots()
+
+    def _num_slots(self) -> int:
+        """Slots held per (sequence, head), the scratch slot included."""
+        return self.keys.shape[-2]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -151,9 +164,9 @@ class H2OLayer(CacheLayerMixin):
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
 
         if self.slot_mode and q_len == 1:
-            s = self.budget  # the scratch slot
-            self.keys[:, :, s] = key_states[:, :, 0]
-            self.values[:, :, s] = value_states[:, :, 0]
+            s = self.budget  # the scratch slot, the last one
+            self.keys[:, :, -1] = key_states[:, :, 0]
+            self.values[:, :, -1] = value_states[:, :, 0]
             self.positions[:, :, s] = self.seen
             if self.scores is not None:
                 self.scores[:, :, s] = 0.0
@@ -169,7 +182,8 @@ class H2OLayer(CacheLayerMixin):
             if self.scores is not None:
                 self.scores = torch.cat([self.scores, self.scores.new_zeros(bsz, heads, q_len)], dim=-1)
             if self.positions is not None:
-                new_pos = torch.arange(self.seen, self.seen + q_len, device=self.device).expand(bsz, heads, q_len)
+                new_pos = torch.arange(self.seen, self.seen + q_len, dtype=torch.int32,
+                                       device=self.device).expand(bsz, heads, q_len)
                 self.positions = torch.cat([self.positions, new_pos], dim=-1)
             if self.valid is not None:
                 self.valid = torch.cat([self.valid, self.valid.new_ones(bsz, heads, q_len)], dim=-1)
@@ -239,10 +253,13 @@ class H2OLayer(CacheLayerMixin):
             self._apply(lambda t: t.to(self.device, non_blocking=True))
 
     # ---- H2O bookkeeping -----------------------------------------------------------------------------------
+    @classmethod
+    def _tensor_names(cls) -> tuple[str, ...]:
+        return tuple(name for names in cls._BYTE_GROUPS.values() for name in names)
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply one batch/slot transform to every per-token tensor, so they never drift apart."""
-        self.keys, self.values = fn(self.keys), fn(self.values)
-        for name in ("scores", "positions", "valid"):
+        for name in self._tensor_names():
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -250,15 +267,16 @@ class H2OLayer(CacheLayerMixin):
     def _materialised_positions(self) -> torch.Tensor:
         if self.positions is None:
             # Before the first eviction every token seen is stored, in order.
-            bsz, heads, slots = self.keys.shape[:3]
-            self.positions = torch.arange(slots, device=self.device).expand(bsz, heads, slots).contiguous()
+            bsz, heads, slots = *self.keys.shape[:2], self._num_slots()
+            self.positions = torch.arange(slots, dtype=torch.int32,
+                                          device=self.device).expand(bsz, heads, slots).contiguous()
         return self.positions
 
     def mark_new_tokens_valid(self, new_valid: torch.Tensor | None) -> None:
         """Record which of this step's tokens are real (``[B, q]`` bool); ``None`` means all of them."""
         if new_valid is None:
             return
-        bsz, heads, slots = self.keys.shape[:3]
+        bsz, heads, slots = *self.keys.shape[:2], self._num_slots()
         if self.valid is None:
             self.valid = torch.ones(bsz, heads, slots, dtype=torch.bool, device=self.device)
         self.valid[:, :, slots - self.new_tokens :] = new_valid[:, None, :].to(self.device)
@@ -272,7 +290,7 @@ class H2OLayer(CacheLayerMixin):
             self.scores += mass
         if self.slot_mode and self.new_tokens == 1:
             self._evict_one()
-        elif self.keys.shape[-2] > self.budget:
+        elif self._num_slots() > self.budget:
             self._evict_to_budget()
         self.new_tokens = 0
 
@@ -305,7 +323,7 @@ class H2OLayer(CacheLayerMixin):
         self.evicted += 1
 
     def _evict_to_budget(self) -> None:
-        slots = self.keys.shape[-2]
+        slots = self._num_slots()
         keep = self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values  # [B, H, budget]
         # One spare slot at the end becomes the scratch slot of the following decode steps.
         keep = torch.cat([keep, keep[..., -1:]], dim=-1)
@@ -328,9 +346,10 @@ class H2OLayer(CacheLayerMixin):
         first = layers[0]
 
         def state(layer: H2OLayer) -> tuple:
-            shape = tuple(layer.keys.shape[1:]) if layer.is_initialized else None
-            return (layer.is_initialized, layer.seen, layer.heavy, layer.recent, layer.slot_mode, layer.evicted,
-                    shape, layer.awaiting_attention)
+            shapes = tuple(None if getattr(layer, n) is None else tuple(getattr(layer, n).shape[1:])
+                           for n in layer._tensor_names() if n not in ("positions", "valid"))
+            return (type(layer), layer.is_initialized, layer.awaiting_attention,
+                    *(getattr(layer, n) for n in layer._STATE), shapes)
 
         if any(layer.h2o_config != first.h2o_config or state(layer) != state(first) for layer in layers):
             raise ValueError(
@@ -341,26 +360,42 @@ class H2OLayer(CacheLayerMixin):
         if not first.is_initialized:
             return out
         out.dtype, out.device, out.is_initialized = first.dtype, first.device, True
-        out.seen, out.heavy, out.recent = first.seen, first.heavy, first.recent
-        out.slot_mode, out.evicted = first.slot_mode, first.evicted
-        out.keys = torch.cat([layer.keys for layer in layers])
-        out.values = torch.cat([layer.values for layer in layers])
-        if first.scores is not None:
-            out.scores = torch.cat([layer.scores for layer in layers])
+        for name in first._STATE:
+            setattr(out, name, getattr(first, name))
+        for name in first._tensor_names():
+            if name not in ("positions", "valid") and getattr(first, name) is not None:
+                setattr(out, name, torch.cat([getattr(layer, name) for layer in layers]))
         # Positions and validity exist only in layers that needed them (eviction, padding): fill in the rest.
         if any(layer.positions is not None for layer in layers):
             out.positions = torch.cat([layer._materialised_positions() for layer in layers])
         if any(layer.valid is not None for layer in layers):
             out.valid = torch.cat([layer.valid if layer.valid is not None
-                                   else torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.device)
+                                   else torch.ones(*layer.keys.shape[:2], layer._num_slots(), dtype=torch.bool,
+                                                   device=layer.device)
                                    for layer in layers])
         return out
 
+    def kv_bytes_by_kind(self) -> dict[str, int]:
+        """Bytes held, by kind: ``keys``, ``values`` (codes or full precision), ``quant_params`` (scales, zero
+        points) and ``bookkeeping`` (scores, positions, validity); the scratch slot included."""
+        out = {}
+        for kind, names in self._BYTE_GROUPS.items():
+            tensors = [getattr(self, n, None) for n in names] if self.is_initialized else []
+            out[kind] = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return out
+
     def kv_bytes(self) -> int:
-        """Bytes of stored keys and values (the scratch slot included)."""
-        if not self.is_initialized:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        """Every byte the layer holds per stored token: keys, values, quantisation parameters, bookkeeping."""
+        return sum(self.kv_bytes_by_kind().values())
+
+
+def layer_class(h2o_config: H2OConfig) -> type[H2OLayer]:
+    """The layer class that stores what ``h2o_config`` asks for: packed integers with ``kv_bits``."""
+    if h2o_config.kv_bits is None:
+        return H2OLayer
+    from .quantized import QuantizedH2OLayer
+
+    return QuantizedH2OLayer
 
 
 class H2OCache(Cache):
@@ -404,7 +439,7 @@ class H2OCache(Cache):
             super().__init__(layer_class_to_replicate=H2OLayer)
 
     def _new_layer(self, layer_idx: int) -> H2OLayer:
-        return H2OLayer(self.h2o_config, layer_idx, self.prompt_length)
+        return layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -431,7 +466,7 @@ class H2OCache(Cache):
         out = cls(None, first.h2o_config, prompt_length=first.prompt_length)
         out.layers = []
         for i in range(len(first.layers)):
-            out.layers.append(H2OLayer.concatenate([c.layers[i] for c in caches]))
+            out.layers.append(type(first.layers[i]).concatenate([c.layers[i] for c in caches]))
             if release:
                 for c in caches:
                     c.layers[i] = c._new_layer(i)
@@ -439,24 +474,37 @@ class H2OCache(Cache):
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
-        """Bytes of keys and values held by all layers."""
+        """Every byte all layers hold for their tokens (see ``H2OLayer.kv_bytes``)."""
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    def kv_bytes_by_kind(self) -> dict[str, int]:
+        """``H2OLayer.kv_bytes_by_kind`` summed over the layers."""
+        out = dict.fromkeys(H2OLayer._BYTE_GROUPS, 0)
+        for layer in self.layers:
+            for kind, n in layer.kv_bytes_by_kind().items():
+                out[kind] += n
+        return out
 
     def tokens_kept(self) -> int:
         """Tokens stored per (sequence, KV head) in the first layer (all layers keep the same count)."""
         return self.layers[0].stored if self.layers else 0
 
     def budget(self) -> int | None:
-        """Total budget in tokens per (sequence, KV head), fixed at prefill; ``None`` before it."""
-        return self.layers[0].budget if self.layers else None
+        """Total budget in tokens per (sequence, KV head), fixed at prefill; ``None`` before it and for the
+        ``keep_all`` policy (no budget)."""
+        if not self.layers or self.h2o_config.policy == "keep_all":
+            return None
+        return self.layers[0].budget
 
     def stats(self) -> dict[str, Any]:
-        layer = self.layers[0] if self.layers else None
+        layer = self.layers[0] if self.layers and self.h2o_config.policy != "keep_all" else None
         return {
             "policy": self.h2o_config.policy,
             "tokens_seen": self.get_seq_length(),
             "tokens_kept": self.tokens_kept(),
             "heavy": None if layer is None else layer.heavy,
             "recent": None if layer is None else layer.recent,
+            "kv_bits": self.h2o_config.kv_bits,
             "kv_bytes": self.kv_bytes(),
+            "bytes": self.kv_bytes_by_kind(),
         }

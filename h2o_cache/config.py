@@ -10,9 +10,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("h2o", "h2o_no_recent", "local", "streaming", "random")
+POLICIES = ("h2o", "h2o_no_recent", "local", "streaming", "random", "keep_all")
 GQA_AGGREGATIONS = ("mean", "max")
 SCORE_NORMALIZATIONS = ("none", "age")
+KV_BITS = (2, 4, 8)
+KV_KEY_AXES = ("channel", "token")
 
 # The paper's (and its FlexGen implementation's) defaults: 10% heavy hitters + 10% recent tokens.
 DEFAULT_HEAVY_RATIO = 0.1
@@ -48,7 +50,9 @@ class H2OConfig:
         policy: how the non-recent slots are chosen: ``h2o`` (accumulated attention), ``h2o_no_recent`` (the whole
             budget goes to heavy hitters), ``local`` (the whole budget is a recent window), ``streaming``
             (``sink_tokens`` first tokens + recent window, as StreamingLLM), ``random`` (recent window + random
-            older tokens). All policies share one eviction machinery and the same total budget.
+            older tokens). All policies share one eviction machinery and the same total budget. ``keep_all``
+            evicts nothing: every token is kept and the budget options do not apply (they are ignored); with
+            ``kv_bits`` it is quantisation alone, without it an uncompressed cache through the same machinery.
         sink_tokens: first tokens kept by the ``streaming`` policy.
         gqa_aggregation: how the query heads that share one KV head combine their attention into that head's
             scores: ``mean`` or ``max``.
@@ -64,6 +68,16 @@ class H2OConfig:
             the cache keeps ``min_budget`` tokens instead, split between heavy and recent in the ratios'
             proportion. Ratio budgets under ``SMALL_BUDGET_WARNING`` tokens without a floor are logged as a
             warning. Absolute budgets are taken as given.
+        kv_bits: store the kept keys and values as packed ``kv_bits``-bit integers (2, 4 or 8) with 16-bit
+            scales and zero points (``h2o_cache.quantized``); ``None`` (default) stores them in the model's dtype.
+        kv_group_size: values per quantisation group: channels of one token for values (and for keys with
+            ``kv_key_axis="token"``), so it must divide the head dimension; tokens per group for
+            ``kv_key_axis="channel"`` keys.
+        kv_key_axis: ``channel`` (default, as KIVI: each key channel has its own scale over a group of tokens,
+            which keeps outlier channels from flattening the others) or ``token`` (one scale per group of a
+            token's channels, like values).
+        kv_residual: the newest tokens kept in full precision (KIVI's residual); with an evicting policy at most
+            the recent window (``max(recent, 1)``) of them.
 
     Integer options accept any integer type (``numpy.int64``, a one-element integer tensor) and are stored as
     ``int``; ratios accept any real number and are stored as ``float``.
@@ -81,10 +95,14 @@ class H2OConfig:
     prefill_chunk_bytes: int | None = None
     seed: int = 0
     min_budget: int = 0
+    kv_bits: int | None = None
+    kv_group_size: int = 32
+    kv_key_axis: str = "channel"
+    kv_residual: int = 32
 
     def __post_init__(self) -> None:
         for name in ("heavy_budget", "recent_budget", "sink_tokens", "prefill_chunk_size", "prefill_chunk_bytes",
-                     "seed", "min_budget"):
+                     "seed", "min_budget", "kv_bits", "kv_group_size", "kv_residual"):
             object.__setattr__(self, name, _as_int(getattr(self, name)))
         for name in ("heavy_ratio", "recent_ratio"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
@@ -135,6 +153,13 @@ class H2OConfig:
             _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("min_budget", self.min_budget, 0)
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int)
+                                         or self.kv_bits not in KV_BITS):
+            raise ValueError(f"H2OConfig: kv_bits={self.kv_bits!r} is not supported; choose one of "
+                             f"{list(KV_BITS)} or None (no quantisation)")
+        _check_int("kv_group_size", self.kv_group_size, 1)
+        _check_choice("kv_key_axis", self.kv_key_axis, KV_KEY_AXES)
+        _check_int("kv_residual", self.kv_residual, 0)
 
     def chunk_bytes(self, device_type: str) -> int:
         """``prefill_chunk_bytes``, or its default for a device of this type (``"cpu"``, ``"cuda"``, ...)."""
@@ -162,7 +187,7 @@ class H2OConfig:
     def warn_if_small(self, prompt_length: int) -> None:
         """Log a warning when ratio budgets leave a short prompt only a handful of tokens (once per config)."""
         heavy, recent = self.token_budgets(prompt_length)
-        if self.uses_ratios and heavy + recent < min(SMALL_BUDGET_WARNING, prompt_length) and self not in _warned_small:
+        if self.uses_ratios and self.policy != "keep_all" and heavy + recent < min(SMALL_BUDGET_WARNING, prompt_length) and self not in _warned_small:
             _warned_small.add(self)
             logger.warning(
                 "H2O: heavy_ratio=%g + recent_ratio=%g of a %d-token prompt keep only %d tokens for the whole "

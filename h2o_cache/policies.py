@@ -13,6 +13,9 @@ import torch
 
 from .config import H2OConfig
 
+# The recent window of ``keep_all``: more tokens than any sequence holds, so the layer never reaches its budget.
+KEEP_ALL = 2**62
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -43,6 +46,16 @@ class HeavyOnly(HeavyHitters):
         return heavy + recent, 0
 
 
+class KeepAll(Policy):
+    """No eviction: the whole budget is one unbounded recent window (``keep_all``; the budget options do not apply)."""
+
+    def split(self, heavy, recent, config):
+        return 0, KEEP_ALL
+
+    def priority(self, scores, positions, seen, config):
+        return positions.float()
+
+
 class Local(Policy):
     def split(self, heavy, recent, config):
         return 0, heavy + recent
@@ -68,7 +81,7 @@ class RandomOlder(Policy):
         # and no per-token state has to be stored or reordered.
         b = torch.arange(positions.shape[0], device=positions.device).view(-1, 1, 1)
         h = torch.arange(positions.shape[1], device=positions.device).view(1, -1, 1)
-        x = (positions * 2654435761 + b * 40503 + h * 9973 + config.seed * 362437) % 2147483647
+        x = (positions.long() * 2654435761 + b * 40503 + h * 9973 + config.seed * 362437) % 2147483647
         return torch.frac(torch.sin(x.double()) * 43758.5453).float()
 
 
@@ -78,6 +91,7 @@ _POLICIES: dict[str, Policy] = {
     "local": Local("local", needs_scores=False),
     "streaming": Streaming("streaming", needs_scores=False),
     "random": RandomOlder("random", needs_scores=False),
+    "keep_all": KeepAll("keep_all", needs_scores=False),
 }
 
 

@@ -23,8 +23,10 @@ from .config import H2OConfig
 
 
 def kv_bytes(cache: Any) -> int | None:
-    """Stored key/value bytes of any transformers cache; ``None`` when its storage cannot be counted (quantized
-    caches keep backend-specific tensors)."""
+    """Stored KV bytes of any transformers cache: for an ``H2OCache`` everything it holds per token (codes,
+    quantisation parameters, scores, positions, validity; ``H2OCache.kv_bytes``), for other caches their keys and
+    values; ``None`` when the storage cannot be counted (transformers' quantized caches keep backend-specific
+    tensors)."""
     if isinstance(cache, H2OCache):
         return cache.kv_bytes()
     total = 0

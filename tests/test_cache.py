@@ -182,7 +182,11 @@ def test_eviction_reduces_memory_and_keeps_budget(tiny_llama):
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
     assert cache.budget() == 20 and cache.tokens_kept() == 20
     assert cache.get_seq_length() == 111  # tokens seen: the last generated token is not fed back
-    assert cache.kv_bytes() == full_bytes * 21 // 111  # 20 kept + 1 scratch of 111 seen
+    by_kind = cache.kv_bytes_by_kind()
+    assert by_kind["keys"] + by_kind["values"] == full_bytes * 21 // 111  # 20 kept + 1 scratch of 111 seen
+    # Everything held is counted: float32 scores and int32 positions of the 21 slots per (sequence, head).
+    slots = 2 * tiny_llama.config.num_key_value_heads * 21 * tiny_llama.config.num_hidden_layers
+    assert by_kind["bookkeeping"] == slots * (4 + 4) and cache.kv_bytes() == sum(by_kind.values())
 
 
 def test_cache_implementation_string(tiny_llama):
