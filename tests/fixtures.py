@@ -199,11 +199,21 @@ def _t5gemma():
     return tf.T5GemmaForConditionalGeneration(tf.T5GemmaConfig(encoder=sub, decoder=sub, vocab_size=100))
 
 
+def _qwen3_next():
+    return tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(
+        **{**BASE, "num_key_value_heads": 2, "head_dim": 16, "linear_num_value_heads": 2, "linear_num_key_heads": 2,
+           "linear_key_head_dim": 16, "linear_value_head_dim": 16, "num_experts": 2, "num_experts_per_tok": 1,
+           "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+           "layer_types": ["linear_attention", "full_attention"]}))
+
+
 REFUSED = {
     "t5 (encoder-decoder)": (_t5, "encoder-decoder"),
     # transformers 5.2's t5gemma does not override _prepare_cache_for_generation: the config check refuses it.
     "t5gemma (own _prepare_cache_for_generation)": (_t5gemma, "builds its own cache|encoder-decoder"),
 }
+if hasattr(tf, "Qwen3NextConfig"):  # transformers >= 5.x; linear-attention layers hold a recurrent state
+    REFUSED["qwen3_next (linear-attention hybrid)"] = (_qwen3_next, "whose state H2O does not manage")
 
 
 # ---- hybrid (sliding + full) families: the checks of tests/test_hybrid.py and docs/SUPPORT.md -------------------
