@@ -78,6 +78,11 @@ HYBRID_FAMILIES = {
               "sliding/full, QK norm", ("sdpa", "eager")),
     "ministral": (tf.MinistralConfig, tf.MinistralForCausalLM,
                   dict(_GQA16, sliding_window=8, layer_types=_HYBRID_LAYERS), "sliding/full", ("sdpa", "eager")),
+    "llama4 (chunked)": (tf.Llama4TextConfig, tf.Llama4ForCausalLM,
+                         dict(_GQA16, attention_chunk_size=8, layer_types=["chunked_attention", "full_attention"],
+                              no_rope_layers=[1, 0], num_local_experts=2, num_experts_per_tok=1,
+                              intermediate_size_mlp=128),
+                         "chunked (chunk 8)/full, MoE", ("sdpa", "eager")),
     "qwen2 (use_sliding_window)": (tf.Qwen2Config, tf.Qwen2ForCausalLM,
                                    dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
                                         max_window_layers=1),
@@ -227,9 +232,11 @@ def _window_layers_hold_their_window(model, cache) -> None:
         if cache.layer_type(i) == "full_attention":
             assert isinstance(layer, H2OLayer), i
         else:
+            window = cache.layer_plan[i][1]
             assert type(layer) is DynamicSlidingWindowLayer, i
-            assert layer.sliding_window == model.config.sliding_window
-            assert layer.keys.shape[-2] <= model.config.sliding_window
+            assert window in (getattr(model.config, "sliding_window", None),
+                              getattr(model.config, "attention_chunk_size", None))
+            assert layer.sliding_window == window and layer.keys.shape[-2] <= window
 
 
 def check_hybrid_exact(family: str, attn: str) -> float:
