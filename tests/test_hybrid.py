@@ -199,3 +199,14 @@ def test_a_cache_built_without_the_config_is_refused_on_a_sliding_layer():
     # A bare forward has no generate() to check the cache: the sliding layer's attention call refuses it.
     with torch.no_grad(), pytest.raises(ValueError, match=r"received sliding-window attention.*H2OCache\(model.config"):
         model(input_ids=prompt_ids(), past_key_values=H2OCache(heavy_budget=4, recent_budget=4), use_cache=True)
+
+
+def test_reset_empties_window_layers_too():
+    # transformers 5.2's own window layer reset zeroes its tensors in place and keeps their length.
+    model = make_model("gemma3", "sdpa")
+    cache = H2OCache(model.config, heavy_budget=4, recent_budget=4)
+    first = greedy(model, prompt_ids(), new_tokens=4, past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.kv_bytes() == 0
+    again = greedy(model, prompt_ids(), new_tokens=4, past_key_values=cache)
+    assert torch.equal(first.sequences, again.sequences)
