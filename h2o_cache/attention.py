@@ -102,6 +102,9 @@ def h2o_attention(
         query_valid=new_valid,
         chunk_size=chunk,
         aggregation=config.gqa_aggregation,
+        # Gemma 2's logit softcapping and GPT-OSS's attention sinks, as the model's attention applies them.
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"),
     )
 
     prefill = k_len == n_new and n_new > 1

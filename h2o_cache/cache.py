@@ -31,20 +31,31 @@ contiguous positions, which evicted, per-head token sets are not. ``get_mask_siz
 ``kv_offset = seen - stored`` so that the mask's last ``q`` columns describe the new tokens exactly; the attention
 code reads only those columns (padding of the new tokens) and masks stored tokens with the layer's own ``valid``.
 ``get_seq_length`` returns tokens *seen*, so position ids (hence RoPE) stay absolute after eviction.
+
+Hybrid models (Gemma 2/3, GPT-OSS, Cohere 2, Qwen2 with ``use_sliding_window``, ...): the cache follows
+``config.layer_types`` (``H2OCache._new_layer`` is the one place that picks a layer's class). Full-attention
+layers are H2O layers; sliding-window and chunked layers keep transformers' own ``DynamicSlidingWindowLayer``,
+whose memory the window already bounds. Only H2O layers are ever marked pending, so the attention of a sliding
+layer runs in the backend untouched; transformers builds the full-attention mask from the first H2O layer's
+``get_mask_sizes`` and the sliding mask from the first sliding layer's, as for its own hybrid ``DynamicCache``.
+A model whose every layer slides (Mistral with ``sliding_window``) gets no H2O layer at all: H2O over a window
+would either attend to tokens the model masks out (not the model any more) or drop tokens inside the window.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .config import H2OConfig
 from .policies import get_policy
+from .support import FULL_ATTENTION
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +168,8 @@ class H2OLayer(CacheLayerMixin):
 
             if not patches_enabled():  # else the whole prefill runs before the unclaimed layer is noticed
                 raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before using an H2OCache")
-            if self.layer_idx == 0:
-                self.h2o_config.warn_if_small(self.prompt_length or q_len)
+            # Every H2O layer asks (the config warns once): in a hybrid model layer 0 may be a window layer.
+            self.h2o_config.warn_if_small(self.prompt_length or q_len)
             heavy, recent = self.h2o_config.token_budgets(self.prompt_length or q_len)
             self.heavy, self.recent = self.policy.split(heavy, recent, self.h2o_config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
@@ -430,16 +441,39 @@ class H2OCache(Cache):
             raise ValueError(f"H2OCache: prompt_length must be an integer >= 1, got {prompt_length!r}")
         self.h2o_config = h2o_config if h2o_config is not None else H2OConfig.from_dict(options)
         self.prompt_length = prompt_length
+        # (layer type, window) per decoder layer; None without a config: every layer is an H2O layer.
+        self.layer_plan: list[tuple[str, int | None]] | None = None
         if config is not None:
             from .support import check_model_config
 
-            num_layers = check_model_config(config)
-            super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
+            self.layer_plan = check_model_config(config)
+            if all(layer_type != FULL_ATTENTION for layer_type, _ in self.layer_plan):
+                logger.warning(
+                    "H2OCache: %s has no full-attention layer (every layer is %s), so H2O compresses nothing: the "
+                    "window already bounds the cache. Set config.sliding_window = None to use H2O instead of the "
+                    "window (the model then attends beyond its window, as it was not trained to).",
+                    type(config).__name__, self.layer_plan[0][0],
+                )
+            super().__init__(layers=[self._new_layer(i) for i in range(len(self.layer_plan))])
         else:
             super().__init__(layer_class_to_replicate=H2OLayer)
 
-    def _new_layer(self, layer_idx: int) -> H2OLayer:
-        return layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+    def layer_type(self, layer_idx: int) -> str:
+        """``"full_attention"`` (an H2O layer) or the window type transformers gives layer ``layer_idx``."""
+        if self.layer_plan is None or layer_idx >= len(self.layer_plan):
+            return FULL_ATTENTION
+        return self.layer_plan[layer_idx][0]
+
+    def _new_layer(self, layer_idx: int) -> CacheLayerMixin:
+        """The cache layer of decoder layer ``layer_idx``: the one place that maps a layer type to its class.
+
+        Full-attention layers are H2O layers; sliding-window and chunked layers keep transformers' own
+        sliding-window layer (its ``DYNAMIC_LAYER_TYPE_MAPPING`` uses the same class for both: only the mask
+        differs), sized by the config's window.
+        """
+        if self.layer_type(layer_idx) == FULL_ATTENTION:
+            return layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+        return DynamicSlidingWindowLayer(sliding_window=self.layer_plan[layer_idx][1])
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -448,8 +482,14 @@ class H2OCache(Cache):
             self.layers.append(self._new_layer(len(self.layers)))
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        _PENDING.layer = layer
+        if isinstance(layer, H2OLayer):  # a window layer's attention stays the backend's own
+            _PENDING.layer = layer
         return keys, values
+
+    def reset(self) -> None:
+        # Fresh layers rather than each layer's own reset: transformers' window layers reset differently across
+        # releases (zeroed in place in some, dropped in others).
+        self.layers = [self._new_layer(i) for i in range(len(self.layers))]
 
     @classmethod
     def concatenate(cls, caches: Sequence[H2OCache], *, release: bool = False) -> H2OCache:
@@ -463,41 +503,66 @@ class H2OCache(Cache):
         first = caches[0]
         if any(c.h2o_config != first.h2o_config or len(c.layers) != len(first.layers) for c in caches):
             raise ValueError("H2OCache.concatenate: the caches differ in H2OConfig or number of layers")
+        if any(c.layer_plan != first.layer_plan for c in caches):
+            raise ValueError("H2OCache.concatenate: the caches were built for models with different layer types")
         out = cls(None, first.h2o_config, prompt_length=first.prompt_length)
+        out.layer_plan = first.layer_plan
         out.layers = []
         for i in range(len(first.layers)):
-            out.layers.append(type(first.layers[i]).concatenate([c.layers[i] for c in caches]))
+            layers = [c.layers[i] for c in caches]
+            if isinstance(layers[0], H2OLayer):
+                out.layers.append(type(layers[0]).concatenate(layers))
+            else:
+                out.layers.append(_concatenate_window_layers(layers))
             if release:
                 for c in caches:
                     c.layers[i] = c._new_layer(i)
         return out
 
     # ---- reporting ------------------------------------------------------------------------------------------
+    def _h2o_layers(self) -> list[H2OLayer]:
+        return [layer for layer in self.layers if isinstance(layer, H2OLayer)]
+
     def kv_bytes(self) -> int:
-        """Every byte all layers hold for their tokens (see ``H2OLayer.kv_bytes``)."""
-        return sum(layer.kv_bytes() for layer in self.layers)
+        """Every byte all layers hold for their tokens (``H2OLayer.kv_bytes``; window layers: keys and values)."""
+        return sum(layer_kv_bytes(layer) for layer in self.layers)
+
+    def kv_bytes_by_type(self) -> dict[str, int]:
+        """``kv_bytes()`` split by layer type (``"full_attention"`` = the H2O layers, ``"sliding_attention"``...)."""
+        out: dict[str, int] = {}
+        for i, layer in enumerate(self.layers):
+            out[self.layer_type(i)] = out.get(self.layer_type(i), 0) + layer_kv_bytes(layer)
+        return out
 
     def kv_bytes_by_kind(self) -> dict[str, int]:
-        """``H2OLayer.kv_bytes_by_kind`` summed over the layers."""
+        """``layer_bytes_by_kind`` summed over the layers."""
         out = dict.fromkeys(H2OLayer._BYTE_GROUPS, 0)
         for layer in self.layers:
-            for kind, n in layer.kv_bytes_by_kind().items():
+            for kind, n in layer_bytes_by_kind(layer).items():
                 out[kind] += n
         return out
 
     def tokens_kept(self) -> int:
-        """Tokens stored per (sequence, KV head) in the first layer (all layers keep the same count)."""
-        return self.layers[0].stored if self.layers else 0
+        """Tokens stored per (sequence, KV head) in the first H2O layer (all H2O layers keep the same count); in a
+        cache without H2O layers, in the first layer."""
+        h2o = self._h2o_layers()
+        if h2o:
+            return h2o[0].stored
+        layer = self.layers[0] if self.layers else None
+        return layer.keys.shape[-2] if layer is not None and layer.is_initialized else 0
 
     def budget(self) -> int | None:
-        """Total budget in tokens per (sequence, KV head), fixed at prefill; ``None`` before it and for the
-        ``keep_all`` policy (no budget)."""
-        if not self.layers or self.h2o_config.policy == "keep_all":
-            return None
-        return self.layers[0].budget
+        """The H2O layers' budget in tokens per (sequence, KV head), fixed at prefill; ``None`` before it, for the
+        ``keep_all`` policy (no budget) and without H2O layers (window layers keep their window)."""
+        h2o = self._h2o_layers()
+        return h2o[0].budget if h2o and self.h2o_config.policy != "keep_all" else None
 
     def stats(self) -> dict[str, Any]:
-        layer = self.layers[0] if self.layers and self.h2o_config.policy != "keep_all" else None
+        h2o = self._h2o_layers()
+        layer = h2o[0] if h2o and self.h2o_config.policy != "keep_all" else None
+        types: dict[str, int] = {}
+        for i in range(len(self.layers)):
+            types[self.layer_type(i)] = types.get(self.layer_type(i), 0) + 1
         return {
             "policy": self.h2o_config.policy,
             "tokens_seen": self.get_seq_length(),
@@ -507,4 +572,40 @@ class H2OCache(Cache):
             "kv_bits": self.h2o_config.kv_bits,
             "kv_bytes": self.kv_bytes(),
             "bytes": self.kv_bytes_by_kind(),
+            "layer_types": types,
+            "kv_bytes_by_type": self.kv_bytes_by_type(),
         }
+
+
+def layer_bytes_by_kind(layer: Any) -> dict[str, int]:
+    """Bytes a cache layer holds, by kind (``H2OLayer.kv_bytes_by_kind``); a transformers window layer holds
+    full-precision keys and values only."""
+    if isinstance(layer, H2OLayer):
+        return layer.kv_bytes_by_kind()
+    out = dict.fromkeys(H2OLayer._BYTE_GROUPS, 0)
+    if getattr(layer, "is_initialized", False) and layer.keys is not None:
+        out["keys"] = layer.keys.numel() * layer.keys.element_size()
+        out["values"] = layer.values.numel() * layer.values.element_size()
+    return out
+
+
+def layer_kv_bytes(layer: Any) -> int:
+    """Every byte a cache layer holds (see ``layer_bytes_by_kind``)."""
+    return sum(layer_bytes_by_kind(layer).values())
+
+
+def _concatenate_window_layers(layers: Sequence[CacheLayerMixin]) -> CacheLayerMixin:
+    """One transformers window layer holding the sequences of ``layers`` (same tokens seen) in order."""
+    first = layers[0]
+    if any(type(layer) is not type(first) or layer.is_initialized != first.is_initialized
+           or layer.get_seq_length() != first.get_seq_length()
+           or (layer.is_initialized and layer.keys.shape[1:] != first.keys.shape[1:]) for layer in layers):
+        raise ValueError(
+            "H2OCache.concatenate: the caches differ in tokens seen; concatenate only caches of prompts with one "
+            "padded width, prefilled the same way and each after a complete forward"
+        )
+    out = copy.copy(first)  # the window and the count of tokens seen, whatever this transformers calls them
+    if first.is_initialized:
+        out.keys = torch.cat([layer.keys for layer in layers])
+        out.values = torch.cat([layer.values for layer in layers])
+    return out

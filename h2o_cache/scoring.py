@@ -8,6 +8,11 @@ sums are exact. A decode step is a single chunk of one query: one q.K^T, softmax
 Query heads are packed per KV head (GQA/MQA): the G query heads sharing a KV head become G x q rows of one matrix
 product against that head's keys, so keys are never repeated. The G heads' attention then combines into the KV
 head's score by ``mean`` (default) or ``max``, per query, before summing over queries.
+
+Two score modifiers of current models are reproduced exactly as their eager attention computes them: logit
+softcapping (Gemma 2: ``logits = cap * tanh(logits / cap)`` after scaling, before masking) and per-head attention
+sinks (GPT-OSS's ``s_aux``: one extra logit per query head in the softmax denominator, attending to nothing). The
+mass is the attention really computed, so a sink's share is in the denominator and credited to no token.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def attention_with_mass(
     chunk_size: int | None = None,
     need_mass: bool = True,
     aggregation: str = "mean",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Causal attention of the last ``q`` keys' queries over all keys, plus the attention mass each key received.
 
@@ -51,6 +58,8 @@ def attention_with_mass(
         query_valid: ``[B, q]`` bool; rows of padding queries do not add to the mass.
         chunk_size: queries per chunk (``None``: all at once).
         aggregation: ``mean`` or ``max`` over the query heads of a group.
+        softcap: logit softcapping, ``cap * tanh(logits / cap)`` (``None``: off).
+        sinks: ``[Hq]`` attention-sink logits, one per query head, added to each row's softmax denominator.
 
     Returns:
         ``(output [B, q, Hq, D] or None, mass [B, Hkv, k] float32 or None)``.
@@ -70,6 +79,8 @@ def attention_with_mass(
     mass = torch.zeros(bsz, hkv, k_len, dtype=torch.float32, device=query.device) if need_mass else None
     key_t = key.transpose(-1, -2)
     pad_mask = None if key_valid is None else ~key_valid[:, :, None, None, :]
+    # [1, Hkv, G, 1, 1]: query head h = kv_head * G + g, as in the grouped view of the queries.
+    sink5 = None if sinks is None else sinks.float().view(1, hkv, groups, 1, 1)
 
     for start in range(0, q_len, chunk):
         end = min(q_len, start + chunk)
@@ -80,13 +91,19 @@ def attention_with_mass(
         logits = torch.matmul(q_chunk, key_t[..., :visible]).float()
         if fp16_headroom != 1.0:
             logits.mul_(fp16_headroom)
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
         logits5 = logits.view(bsz, hkv, groups, rows, visible)
         if rows > 1:  # only the chunk's own keys (its last `rows` columns) can lie in a query's future
             future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
             logits5[..., visible - rows :].masked_fill_(future, _NEG)
         if pad_mask is not None:
             logits5.masked_fill_(pad_mask[..., :visible], _NEG)
-        probs = torch.softmax(logits, dim=-1)
+        if sink5 is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:  # softmax over [logits, sink] without materialising the extra column
+            lse = torch.logaddexp(torch.logsumexp(logits5, dim=-1, keepdim=True), sink5)
+            probs = torch.exp(logits5 - lse).view_as(logits)
         if value is not None:
             outs.append(torch.matmul(probs.to(value.dtype), value[:, :, :visible]).view(bsz, hkv, groups, rows, -1))
         if mass is not None:

@@ -2,8 +2,8 @@
 
     python tests/support_matrix.py > docs/SUPPORT.md
 
-Every cell is the outcome of running the same check functions as tests/test_families.py on a tiny random model
-on this machine: "yes" passed, "FAIL" failed, "refused" raised the documented ValueError.
+Every cell is the outcome of running the same check functions as tests/test_families.py (hybrid families:
+tests/test_hybrid.py) on a tiny random model on this machine: "yes" passed, "FAIL" failed, "refused" raised the documented ValueError.
 """
 
 from __future__ import annotations
@@ -18,9 +18,14 @@ import transformers
 from fixtures import (
     BACKENDS,
     FAMILIES,
+    HYBRID_FAMILIES,
     REFUSED,
     check_eviction,
     check_exact,
+    check_hybrid_beams,
+    check_hybrid_eviction,
+    check_hybrid_exact,
+    check_hybrid_padded,
     make_model,
     prompt_ids,
 )
@@ -80,6 +85,36 @@ def main() -> None:
                 cells = ["not run here (needs CUDA)"] * len(checks)
             else:
                 cells = [outcome(lambda c=c, f=family, a=attn: c(f, a)) for c in checks.values()]
+            print(f"| {family} | {note} | {attn} | " + " | ".join(cells) + " |")
+    print("\n## Hybrid and sliding-window families (tests/test_hybrid.py)\n")
+    print("Two layers, sliding (window 8, below the 40-token prompt, so it really slides) then full, unless noted. "
+          "Sliding and chunked layers keep transformers' own `DynamicSlidingWindowLayer`; full layers are H2O "
+          "layers. The checks compare against the model's own `DynamicCache(config)`:\n")
+    print("- **exact at full budget**: greedy tokens identical, logits within 1e-5 (fp32); window layers hold "
+          "their window.")
+    print("- **eviction at 20%**: `cache_config={heavy_ratio: 0.1, recent_ratio: 0.1}`; every H2O layer holds the "
+          "8-token budget + its scratch slot, `kv_bytes_by_type()` adds up; a model without a full layer equals "
+          "`DynamicCache` (nothing for H2O to compress).")
+    print("- **left-padded batch = alone**: rows of 40, 9 and 3 tokens at a 4+4 budget; tokens identical, logits "
+          "within 1e-4.")
+    print("- **beam search**: `num_beams=3`; at full budget the beams of `DynamicCache`, at 4+4 the H2O layers keep "
+          "8 tokens.")
+    print("- gemma2 and gpt_oss support no sdpa in transformers (softcapping, sinks): eager and flash only.\n")
+    hybrid_checks = {
+        "exact at full budget": check_hybrid_exact,
+        "eviction at 20%": check_hybrid_eviction,
+        "left-padded batch = alone": check_hybrid_padded,
+        "beam search": check_hybrid_beams,
+    }
+    header = ["family", "adds", "backend", *hybrid_checks]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for family, (*_, note, backends) in HYBRID_FAMILIES.items():
+        for attn in (*backends, "flash_attention_2"):
+            if attn == "flash_attention_2":
+                cells = ["not run here (needs CUDA)"] * len(hybrid_checks)
+            else:
+                cells = [outcome(lambda c=c, f=family, a=attn: c(f, a)) for c in hybrid_checks.values()]
             print(f"| {family} | {note} | {attn} | " + " | ".join(cells) + " |")
     print("\n## Refused with a ValueError before generating\n")
     print("| model | reason (error message contains) |\n|---|---|")

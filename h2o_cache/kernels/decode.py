@@ -87,11 +87,16 @@ def decode_attention_with_mass(
     chunk_size: int | None = None,
     need_mass: bool = True,
     aggregation: str = "mean",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``attention_with_mass`` through the fused kernel where it applies (one query, CUDA, triton), else torch."""
-    # Under torch.compile the torch path is traced instead: inductor fuses it into its own kernels.
+    # Under torch.compile the torch path is traced instead: inductor fuses it into its own kernels. The kernel has
+    # no softcapping or sinks: those steps take the torch path.
     if (
-        query.is_cuda
+        softcap is None
+        and sinks is None
+        and query.is_cuda
         and not torch.compiler.is_compiling()
         and _supported(query, key, value, aggregation)
         and fused_decode_available()
@@ -102,7 +107,7 @@ def decode_attention_with_mass(
         )
     return attention_with_mass(
         query, key, value, scaling=scaling, key_valid=key_valid, query_valid=query_valid,
-        chunk_size=chunk_size, need_mass=need_mass, aggregation=aggregation,
+        chunk_size=chunk_size, need_mass=need_mass, aggregation=aggregation, softcap=softcap, sinks=sinks,
     )
 
 
