@@ -267,6 +267,8 @@ def packed_decode_attention(
     query_valid: torch.Tensor | None = None,
     need_mass: bool = True,
     aggregation: str = "mean",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     **_: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence over a layer's packed + residual slots: ``(output [B, 1, Hq, D], mass [B, Hkv, S])``,
@@ -283,9 +285,15 @@ def packed_decode_attention(
         end = min(p, start + chunk)
         logits[..., start:end] = torch.matmul(q, layer.dequantized_keys(start, end).transpose(-1, -2))
     logits[..., p:] = torch.matmul(q, layer.keys.float().transpose(-1, -2))
+    if softcap is not None:  # Gemma 2, as attention_with_mass applies it: after scaling, before masking
+        logits.div_(softcap).tanh_().mul_(softcap)
     if key_valid is not None:
         logits.masked_fill_(~key_valid[:, :, None, :], _NEG)
-    probs = torch.softmax(logits, dim=-1)
+    if sinks is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:  # GPT-OSS: one sink logit per query head in the denominator; rows are (group head, query)
+        sink = sinks.float().view(hkv, groups, 1).expand(hkv, groups, q_len).reshape(1, hkv, groups * q_len, 1)
+        probs = torch.exp(logits - torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink))
     out = torch.matmul(probs[..., p:], layer.values.float())
     for start in range(0, p, chunk):
         end = min(p, start + chunk)

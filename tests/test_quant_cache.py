@@ -35,9 +35,11 @@ def dequantized(layer):
             torch.cat([layer.dequantized_values(0, p), layer.values.float()], dim=2))
 
 
+@pytest.mark.parametrize("logit_options", [{}, {"softcap": 2.0}, {"sinks": torch.tensor([0.5, -1.0, 2.0, 0.0])}],
+                         ids=["plain", "softcap", "sinks"])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 @pytest.mark.parametrize("policy", ["h2o", "keep_all"])
-def test_packed_decode_equals_attention_over_the_dequantised_cache(axis, policy):
+def test_packed_decode_equals_attention_over_the_dequantised_cache(axis, policy, logit_options):
     config = H2OConfig(heavy_budget=10, recent_budget=6, policy=policy, kv_key_axis=axis, **Q4)
     layer = QuantizedH2OLayer(config, 0)
     gen = torch.Generator().manual_seed(0)
@@ -48,8 +50,8 @@ def test_packed_decode_equals_attention_over_the_dequantised_cache(axis, policy)
         layer.update(k, v)
         assert layer.packed_slots > 0
         keys, values = dequantized(layer)
-        ref_out, ref_mass = attention_with_mass(q, keys, values, scaling=0.25, need_mass=True)
-        out, mass = packed_decode_attention(layer, q, scaling=0.25)
+        ref_out, ref_mass = attention_with_mass(q, keys, values, scaling=0.25, need_mass=True, **logit_options)
+        out, mass = packed_decode_attention(layer, q, scaling=0.25, **logit_options)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mass, ref_mass, atol=1e-6, rtol=1e-5)
         layer.awaiting_attention = False
