@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 # h2o_cache) through a .pth file and shadows only transformers with the oldest supported release.
 LOW        := .venv-low
 LOW_TF     ?= transformers==5.2.*
-LOW_TESTS  := tests/test_config.py tests/test_scoring.py tests/test_cache.py tests/test_families.py tests/test_workloads.py \
+LOW_TESTS  := tests/test_config.py tests/test_scoring.py tests/test_cache.py tests/test_families.py tests/test_workloads.py tests/test_hybrid.py \
               tests/test_batching.py
 
 $(LOW)/.installed: $(STAMP)
