@@ -90,6 +90,7 @@ class H2OLayer(CacheLayerMixin):
         self.h2o_config = h2o_config
         self.policy = get_policy(h2o_config.policy)
         self.layer_idx = layer_idx
+        self.num_layers: int | None = None  # the model's, set by H2OCache: per-layer budgets need it
         self.prompt_length = prompt_length  # what ratio budgets resolve against; None: the first update's length
         self.seen = 0
         self.heavy: int | None = None  # slots, fixed by the first update (the prompt)
@@ -157,7 +158,8 @@ class H2OLayer(CacheLayerMixin):
                 raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before using an H2OCache")
             if self.layer_idx == 0:
                 self.h2o_config.warn_if_small(self.prompt_length or q_len)
-            heavy, recent = self.h2o_config.token_budgets(self.prompt_length or q_len)
+            heavy, recent = self.h2o_config.layer_token_budgets(self.prompt_length or q_len, self.layer_idx,
+                                                                self.num_layers)
             self.heavy, self.recent = self.policy.split(heavy, recent, self.h2o_config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
 
@@ -428,16 +430,19 @@ class H2OCache(Cache):
             raise ValueError(f"H2OCache: prompt_length must be an integer >= 1, got {prompt_length!r}")
         self.h2o_config = h2o_config if h2o_config is not None else H2OConfig.from_dict(options)
         self.prompt_length = prompt_length
+        self.num_layers = None
         if config is not None:
             from .support import check_model_config
 
-            num_layers = check_model_config(config)
+            num_layers = self.num_layers = check_model_config(config)
             super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
         else:
             super().__init__(layer_class_to_replicate=H2OLayer)
 
     def _new_layer(self, layer_idx: int) -> H2OLayer:
-        return layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+        layer = layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+        layer.num_layers = self.num_layers
+        return layer
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
