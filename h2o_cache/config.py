@@ -74,8 +74,8 @@ class H2OConfig:
             token's channels, like values).
         layer_budgets: how the total budget is shared by the layers: ``uniform`` (every layer the same) or
             ``pyramid`` (PyramidKV: a linear ramp, lower layers more, same total; ``layer_token_budgets``).
-        pyramid_slope: the ramp of ``pyramid``, in [0, 1): the first layer keeps ``1 + slope`` times the mean
-            budget, the last ``1 - slope`` times.
+        pyramid_slope: the ramp of ``pyramid``, in (-1, 1): the first layer keeps ``1 + slope`` times the mean
+            budget, the last ``1 - slope`` times (a negative slope gives the upper layers more).
         kv_residual: the newest tokens kept in full precision (KIVI's residual); with an evicting policy at most
             the recent window (``max(recent, 1)``) of them.
 
@@ -163,8 +163,8 @@ class H2OConfig:
         _check_int("kv_residual", self.kv_residual, 0)
         _check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
         if isinstance(self.pyramid_slope, bool) or not isinstance(self.pyramid_slope, (int, float)) or not (
-                0.0 <= self.pyramid_slope < 1.0):
-            raise ValueError(f"H2OConfig: pyramid_slope must be a number in [0, 1), got {self.pyramid_slope!r}")
+                -1.0 < self.pyramid_slope < 1.0):
+            raise ValueError(f"H2OConfig: pyramid_slope must be a number in (-1, 1), got {self.pyramid_slope!r}")
 
     @property
     def uses_ratios(self) -> bool:

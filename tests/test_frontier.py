@@ -115,14 +115,16 @@ def test_cli_help_explains_the_frontier_options(capsys):
         assert option in out
 
 
-@pytest.mark.parametrize("budgets, slope", [((51, 51), 0.5), ((0, 102), 0.9), ((3, 2), 0.9), ((7, 0), 0.3)])
+@pytest.mark.parametrize("budgets, slope", [((51, 51), 0.5), ((0, 102), 0.9), ((3, 2), 0.9), ((7, 0), 0.3),
+                                            ((51, 51), -0.5)])
 def test_pyramid_budgets_keep_the_uniform_total(budgets, slope):
     config = H2OConfig(heavy_budget=budgets[0], recent_budget=budgets[1], layer_budgets="pyramid",
                        pyramid_slope=slope)
     layers = [config.layer_token_budgets(512, i, 30) for i in range(30)]
     assert sum(h + r for h, r in layers) == 30 * sum(budgets)
     totals = [h + r for h, r in layers]
-    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1] >= 1
+    ramp = totals if slope > 0 else totals[::-1]  # a negative slope gives the upper layers more
+    assert ramp == sorted(ramp, reverse=True) and ramp[0] > ramp[-1] >= 1
     assert all(r >= 1 for _, r in layers) or budgets[1] == 0
 
 
