@@ -188,6 +188,7 @@ def run_frontier(args: argparse.Namespace, h2o_options: dict) -> int:
     from h2o_cache.models import load_model
 
     from .frontier_report import write_frontier_report
+    from .report import write_json
     from .texts import load_text
 
     frontier.parse_specs(args.specs)
@@ -205,7 +206,8 @@ def run_frontier(args: argparse.Namespace, h2o_options: dict) -> int:
         windows=args.windows, retrieval_lengths=args.retrieval_lengths, retrieval_depths=args.retrieval_depths,
         retrieval_samples=args.retrieval_samples, lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
         h2o_options=h2o_options, quantized_options=quantized_options, seed=args.seed,
-        model_name=args.model or "embedded SmolLM2-135M-Instruct", progress=not args.no_progress)
+        model_name=args.model or "embedded SmolLM2-135M-Instruct", progress=not args.no_progress,
+        on_spec=lambda rows: write_json(Path(args.output) / "frontier.partial.json", {"rows": rows}))
     results["settings"]["command"] = " ".join(["h2o-cache eval", *args.argv])
     paths = write_frontier_report(results, args.output)
     print(paths["md"].read_text())

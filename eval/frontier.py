@@ -163,10 +163,11 @@ def evaluate_frontier(model: Any, tokenizer: Any, *, specs: Sequence[str] = DEFA
                       retrieval_samples: int = 2, lm_eval_tasks: Sequence[str] | None = None,
                       lm_eval_limit: int | None = 10, h2o_options: dict[str, Any] | None = None,
                       quantized_options: dict[str, Any] | None = None, seed: int = 0, model_name: str = "model",
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, on_spec: Callable[[list[dict[str, Any]]], None] | None = None
+                      ) -> dict[str, Any]:
     """Every task for every spec; returns ``{"settings", "rows", "bars", "date", "machine"}``. Each row carries
     ``spec``, ``method``, ``kv_bytes`` and ``byte_share``; a spec that cannot run here gives one ``skipped`` row
-    with the reason."""
+    with the reason. ``on_spec`` is called with the rows so far after every spec (a long run's checkpoint)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"tasks: {unknown or 'empty'} not supported; choose from {list(TASKS)}")
@@ -194,6 +195,8 @@ def evaluate_frontier(model: Any, tokenizer: Any, *, specs: Sequence[str] = DEFA
         if "lm_eval" in tasks:
             rows.append(_spec_row(spec, _lm_eval_row(model, tokenizer, spec, configs[0], options, lm_eval_tasks,
                                                      lm_eval_limit)))
+        if on_spec is not None:
+            on_spec(rows)
     settings = {"model": model_name, "specs": [s.name for s in parsed], "tasks": list(tasks),
                 "prompt_len": prompt_len, "gen_len": gen_len, "windows": windows,
                 "retrieval_lengths": list(retrieval_lengths), "retrieval_depths": list(retrieval_depths),
