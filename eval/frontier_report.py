@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,51 @@ def write_frontier_report(results: dict[str, Any], out_dir: str | Path) -> dict[
             bars, ["bar", "spec", "byte_share", "perplexity_gap", "retrieval_ratio", "value", "other", "met"]))
     paths["md"] = report.write_text(out_dir / "frontier.md", "".join(md))
     return paths
+
+
+def merge_runs(folders: Sequence[str | Path], tags: Sequence[str]) -> dict[str, Any]:
+    """One result from several ``--frontier`` runs (each folder's ``frontier.json``, else its checkpoint
+    ``frontier.partial.json``): rows concatenated, a non-empty tag appended to a run's spec and method names (runs
+    with other H2O options), bars recomputed over all rows. The first complete run gives the settings."""
+    from .frontier import check_bars
+
+    base, rows, runs = None, [], {}
+    for folder, tag in zip(folders, tags, strict=True):
+        path = Path(folder) / "frontier.json"
+        if not path.exists():
+            path = Path(folder) / "frontier.partial.json"
+        if not path.exists():
+            raise ValueError(f"{folder}: no frontier.json or frontier.partial.json")
+        data = json.loads(path.read_text())
+        base = base or (data if "settings" in data else None)
+        runs[str(folder)] = {"file": path.name, "tag": tag, "settings": data.get("settings")}
+        rows += [{**r, "spec": f"{r['spec']} {tag}".strip(), "method": f"{r['method']} {tag}".strip()}
+                 for r in data["rows"]]
+    if base is None:
+        raise ValueError("merge: at least one run must be complete (frontier.json)")
+    specs = list(dict.fromkeys(r["spec"] for r in rows))
+    return {**base, "rows": rows, "bars": check_bars(rows), "runs": runs,
+            "settings": {**base["settings"], "specs": specs, "h2o_options": "per run (see runs)"}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m h2o_cache.eval.frontier_report OUT RUN[:TAG] ...``: merge runs into one report in OUT."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m h2o_cache.eval.frontier_report", description=main.__doc__)
+    p.add_argument("out", help="folder of the merged frontier.json/.md/.png")
+    p.add_argument("runs", nargs="+", help="result folders of h2o-cache eval --frontier, each optionally :TAG")
+    args = p.parse_args(argv)
+    folders, tags = zip(*[(r.partition(":")[0], r.partition(":")[2]) for r in args.runs], strict=True)
+    try:
+        paths = write_frontier_report(merge_runs(folders, tags), args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,6 +73,19 @@ def test_report_writes_one_plot_one_table_and_json(frontier, tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_runs_merge_into_one_report(frontier, tmp_path):
+    from h2o_cache.eval.frontier_report import main as merge_main
+
+    write_frontier_report(frontier, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "frontier.partial.json").write_text(json.dumps({"rows": frontier["rows"][2:4]}))
+    assert merge_main([str(tmp_path / "m"), str(tmp_path / "a"), f"{tmp_path / 'b'}:g64"]) == 0
+    merged = json.loads((tmp_path / "m" / "frontier.json").read_text())
+    assert len(merged["rows"]) == len(frontier["rows"]) + 2
+    assert merged["rows"][-1]["spec"].endswith(" g64") and merged["rows"][-1]["method"].endswith(" g64")
+    assert merge_main([str(tmp_path / "n"), str(tmp_path / "missing")]) == 2
+
+
 def test_bars_compare_at_no_more_bytes():
     def row(spec, family, share, ppl, acc, bits=None):
         base = {"spec": spec, "family": family, "bits": bits, "byte_share": share}
