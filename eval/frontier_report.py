@@ -69,11 +69,11 @@ def write_frontier_report(results: dict[str, Any], out_dir: str | Path) -> dict[
           "counted) / bytes an fp16 cache holds for the same tokens. Perplexity: "
           f"{s['windows']} windows, {s['prompt_len']}-token prompt, {s['gen_len']} tokens scored one at a time.\n"]
     panels = []
-    for task, key, ylabel in (("perplexity", "perplexity", "perplexity (lower is better)"),
+    for task, key, ylabel in (("perplexity", "perplexity", "perplexity (lower is better, log scale)"),
                               ("retrieval", "accuracy", "pass-key accuracy")):
         series, full = _series(rows, task, key)
         if series:
-            panels.append({"ylabel": ylabel, "series": series,
+            panels.append({"ylabel": ylabel, "series": series, "logy": task == "perplexity",
                            "hlines": {"full cache": full} if full is not None else None})
     if panels:
         png = report.panel_plot(out_dir / "frontier.png", panels, title="quality vs KV bytes",

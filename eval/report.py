@@ -91,7 +91,7 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequ
 def panel_plot(path: str | Path, panels: Sequence[Mapping[str, Any]], *, title: str, xlabel: str,
                logx: bool = False) -> Path | None:
     """Panels side by side sharing one x axis; each panel is ``{"ylabel", "series": {name: (xs, ys)}, "hlines":
-    {name: y}}`` (``hlines`` optional). Saved whole (temporary file + rename); None without matplotlib."""
+    {name: y}, "logy": bool}`` (``hlines``, ``logy`` optional). Saved whole (temporary file + rename); None without matplotlib."""
     try:
         import matplotlib
 
@@ -111,6 +111,8 @@ def panel_plot(path: str | Path, panels: Sequence[Mapping[str, Any]], *, title: 
             ax.axhline(y, linestyle="--", color="black", linewidth=1, label=name)
         if logx:
             ax.set_xscale("log")
+        if panel.get("logy"):
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(panel["ylabel"])
         ax.grid(True, alpha=0.3, which="both")
