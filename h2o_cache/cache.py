@@ -11,6 +11,8 @@ Storage (``H2OLayer``), per layer, shaped ``[batch, kv_heads, slots, head_dim]``
 - Each (sequence, KV head) keeps its own set of tokens, so slots hold different positions per head; the layer
   records each slot's sequence index (``positions``), its accumulated attention (``scores``, float32 whatever
   the model dtype) and, once padding was seen, whether it is a real token (``valid``).
+- With ``H2OConfig.kv_bits`` the cache creates ``QuantizedH2OLayer`` (``h2o_cache.quantized``) instead: the same
+  slots and eviction, with the kept keys and values stored as packed integers (``layer_class``).
 
 Order within a step: update (store) -> attention over stored + new tokens (``h2o_cache.attention``) -> scores
 accumulate -> evict. Eviction happens after the step has attended, and the newest token is always in the

@@ -75,18 +75,22 @@ def _ungrouped(g: torch.Tensor, tokens: int, axis: int) -> torch.Tensor:
     return g.reshape(*g.shape[:-3], -1, g.shape[-1])[..., :tokens, :]
 
 
+def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` in ``dtype`` of the smallest grid covering ``[lo, hi]`` (float32), rounded outwards."""
+    zero = lo.to(dtype)
+    zero = torch.where(zero.float() > lo, torch.nextafter(zero, zero.new_tensor(-float("inf"))), zero)
+    scale = ((hi - zero.float()) / levels(bits)).to(dtype)
+    short = zero.float() + scale.float() * levels(bits) < hi
+    scale = torch.where(short, torch.nextafter(scale, scale.new_tensor(float("inf"))), scale)
+    return scale, zero
+
+
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [..., tokens, dim]`` -> ``(codes uint8 like x, scale, zero)`` (see the module docstring)."""
     reduce = -1 if axis == -1 else -2
     g = _grouped(x.float(), group_size, axis)
-    lo, hi = g.amin(dim=reduce), g.amax(dim=reduce)
-    pdtype = param_dtype(x.dtype)
-    zero = lo.to(pdtype)
-    zero = torch.where(zero.float() > lo, torch.nextafter(zero, zero.new_tensor(-float("inf"))), zero)
-    scale = ((hi - zero.float()) / levels(bits)).to(pdtype)
-    short = zero.float() + scale.float() * levels(bits) < hi
-    scale = torch.where(short, torch.nextafter(scale, scale.new_tensor(float("inf"))), scale)
+    scale, zero = grid(g.amin(dim=reduce), g.amax(dim=reduce), bits, param_dtype(x.dtype))
     codes = _codes(g, scale.unsqueeze(reduce), zero.unsqueeze(reduce), bits)
     return _ungrouped(codes, x.shape[-2], axis), scale, zero
 

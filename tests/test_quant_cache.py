@@ -64,6 +64,26 @@ def test_packed_decode_equals_attention_over_the_dequantised_cache(axis, policy)
             assert layer.stored == layer.seen
 
 
+def test_padding_chosen_inside_the_residual_takes_the_full_precision_path():
+    """A victim past the mover (padding inside the residual) is evicted through the base layer's slots, and the
+    layout (packed, then the newest tokens in order) is rebuilt."""
+    config = H2OConfig(heavy_budget=4, recent_budget=4, kv_key_axis="token", **{**Q4, "kv_residual": 3})
+    layer = QuantizedH2OLayer(config, 0)
+    gen = torch.Generator().manual_seed(4)
+    step(layer, torch.randn(1, 1, 12, 16, generator=gen), torch.randn(1, 1, 12, 16, generator=gen),
+         torch.randn(1, 1, 12, 16, generator=gen))
+    p = layer.packed_slots
+    layer.valid = torch.ones(1, 1, layer._num_slots(), dtype=torch.bool)
+    layer.valid[0, 0, p + 2] = False  # as if the residual's second token were padding
+    padded_position = int(layer.positions[0, 0, p + 2])
+    _, mass = step(layer, torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen),
+                   torch.randn(1, 1, 1, 16, generator=gen))
+    assert layer.packed_slots == p and layer.stored == 8
+    kept = layer.positions[0, 0, :8].tolist()
+    assert padded_position not in kept and len(set(kept)) == 8
+    assert layer.positions[0, 0, p : p + 3].tolist() == sorted(kept)[-3:]
+
+
 def test_moved_tokens_are_stored_as_their_quantised_values():
     """A decode step's mover lands in the victim's slot as its own quantisation (per-token axis)."""
     config = H2OConfig(heavy_budget=6, recent_budget=2, policy="local", kv_key_axis="token", **Q4)
@@ -80,6 +100,35 @@ def test_moved_tokens_are_stored_as_their_quantised_values():
     steps = layer.key_scale.float().amax()
     assert (keys[0, 0, : layer.stored] - original).abs().max() <= steps / 2 + 1e-6
     assert (values[0, 0, : layer.stored] - 2 * original).abs().max() <= layer.value_scale.float().amax() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("slot", [1, 5], ids=["whole-group", "partial-group"])
+@pytest.mark.parametrize("outside", [False, True])
+def test_per_channel_groups_widen_to_cover_a_mover_and_keep_their_members(slot, outside):
+    """A token written into a packed slot joins that slot's key group: a grid that covers it stays as it was (so do
+    the other members' codes); otherwise the grid widens and the members move by at most half a new step."""
+    config = H2OConfig(heavy_budget=7, recent_budget=1, kv_bits=4, kv_group_size=4, kv_residual=1)
+    layer = QuantizedH2OLayer(config, 0)
+    gen = torch.Generator().manual_seed(2)
+    step(layer, torch.randn(1, 1, 12, 16, generator=gen), torch.randn(1, 1, 12, 16, generator=gen),
+         torch.randn(1, 1, 12, 16, generator=gen))
+    assert layer.packed_slots == 7 and layer.key_scale.shape[2] == 2  # groups of 4 and 3 slots
+    codes, before, scale = layer.qkeys.clone(), layer.dequantized_keys(0, 7), layer.key_scale.clone()
+    group = range(slot // 4 * 4, min(slot // 4 * 4 + 4, 7))
+    key = before[:, :, group[-1] if group[-1] != slot else group[0]][:, :, None] * (10.0 if outside else 1.0)
+    layer._write_packed(torch.tensor([[[slot]]]), torch.tensor([[[True]]]), key, key)
+    after, g = layer.dequantized_keys(0, 7), slot // 4
+    half_step = layer.key_scale[0, 0, g].float() / 2 + 1e-5
+    others = [i for i in group if i != slot]
+    assert ((after[0, 0, slot] - key[0, 0, 0]).abs() <= half_step).all()
+    assert ((after[0, 0, others] - before[0, 0, others]).abs() <= half_step).all()
+    untouched = [i for i in range(7) if i not in group]
+    assert torch.equal(layer.qkeys[0, 0, untouched], codes[0, 0, untouched])
+    if outside:
+        assert (layer.key_scale[0, 0, g].float() >= scale[0, 0, g].float()).all()
+        assert (layer.key_scale[0, 0, g] > scale[0, 0, g]).any()
+    else:
+        assert torch.equal(layer.key_scale, scale) and torch.equal(layer.qkeys[0, 0, others], codes[0, 0, others])
 
 
 @pytest.mark.parametrize("bits, ratio", [(2, 0.1875), (4, 0.3125), (8, 0.5625)])
