@@ -66,7 +66,7 @@ def make_cache(name: str, model: Any, budget: float | None, length: int, **optio
     """A fresh cache ``name`` for ``model``: ``(cache, None)``, or ``(None, reason)`` when it cannot run here.
 
     ``budget`` (default 0.2) of ``length`` tokens and ``options`` (``H2OConfig`` fields) apply to the
-    ``H2OCache`` policies.
+    ``H2OCache`` policies; transformers' caches take their own options (``quantized``: ``nbits``, ``backend``).
     """
     if name == FULL:
         from transformers import DynamicCache
@@ -79,7 +79,7 @@ def make_cache(name: str, model: Any, budget: float | None, length: int, **optio
     if name in TRANSFORMERS_CACHES:
         from .baselines import transformers_caches
 
-        return transformers_caches.make_cache(name, model)
+        return transformers_caches.make_cache(name, model, **options)
     raise ValueError(f"cache {name!r} is not supported; choose from {list(CACHES)}")
 
 

@@ -17,9 +17,16 @@ from pathlib import Path
 import torch
 
 from h2o_cache.cli import add_model_options
-from h2o_cache.config import GQA_AGGREGATIONS, SCORE_NORMALIZATIONS
+from h2o_cache.config import (
+    GQA_AGGREGATIONS,
+    KV_BITS,
+    KV_KEY_AXES,
+    LAYER_BUDGETS,
+    SCORE_NORMALIZATIONS,
+    H2OConfig,
+)
 
-from . import bench, quality, throughput
+from . import bench, frontier, quality, throughput
 from .caches import ALL_POLICIES
 
 COMMANDS = {
@@ -90,6 +97,37 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-normalization", choices=SCORE_NORMALIZATIONS, default=None,
                         help="H2O: 'age' divides accumulated attention by the token's age (default: the cache's)")
     parser.add_argument("--sink-tokens", type=int, default=None, help="streaming: first tokens kept (default 4)")
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                        help="H2O: store the kept keys/values as packed integers of this many bits (default: the "
+                             "model's dtype); with --frontier, bits come from each spec instead")
+    parser.add_argument("--kv-group-size", type=int, default=None,
+                        help="H2O quantisation: values per scale (channels per token; tokens per key channel with "
+                             "--kv-key-axis channel) (default: the cache's, 32)")
+    parser.add_argument("--kv-key-axis", choices=KV_KEY_AXES, default=None,
+                        help="H2O quantisation: keys per channel (KIVI) or per token (default: the cache's, channel)")
+    parser.add_argument("--kv-residual", type=int, default=None,
+                        help="H2O quantisation: newest tokens kept in full precision (default: the cache's, 32)")
+    parser.add_argument("--layer-budgets", choices=LAYER_BUDGETS, default=None,
+                        help="H2O: share the total budget equally over the layers (uniform) or as a PyramidKV ramp, "
+                             "lower layers more, same total (pyramid) (default: uniform)")
+    parser.add_argument("--pyramid-slope", type=float, default=None,
+                        help="H2O --layer-budgets pyramid: the first layer keeps 1+slope times the mean budget, the "
+                             "last 1-slope times; in [0, 1) (default: the cache's)")
+    parser.add_argument("--frontier", action="store_true",
+                        help="quality against the share of fp16 KV bytes (issue 9's frontier) for the --specs "
+                             "instead of the policy x budget grid: writes frontier.json, frontier.md and "
+                             "frontier.png (x = byte share, log scale; a line per method) into --output")
+    parser.add_argument("--specs", type=_strs, default=list(frontier.DEFAULT_SPECS),
+                        help="--frontier: comma-separated configurations FAMILY[@BUDGET][+intBITS], FAMILY one of "
+                             f"{','.join(frontier.FAMILIES)}; an evicting policy takes @BUDGET (fraction of the "
+                             "prompt); keep_all is our quantisation alone; quanto/hqq are transformers' "
+                             "QuantizedCache with that backend (e.g. full,h2o@0.2,h2o@0.64+int4,keep_all+int4,"
+                             "quanto+int4,streaming@0.2) (default: the whole frontier, %(default)s)")
+    parser.add_argument("--quant-residual", type=int, default=None,
+                        help="--frontier, quanto/hqq: QuantizedCache's residual_length, newest tokens kept in full "
+                             "precision (default: transformers', 128)")
+    parser.add_argument("--quant-group-size", type=int, default=None,
+                        help="--frontier, quanto/hqq: QuantizedCache's q_group_size (default: transformers', 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval keys and the random policy")
     parser.add_argument("--output", default="results/quality", help="results folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
@@ -104,13 +142,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
-                                  device=args.device)
     h2o_options = {k: v for k, v in (("gqa_aggregation", args.gqa_aggregation),
                                      ("score_normalization", args.score_normalization),
-                                     ("sink_tokens", args.sink_tokens)) if v is not None}
+                                     ("sink_tokens", args.sink_tokens), ("kv_group_size", args.kv_group_size),
+                                     ("kv_key_axis", args.kv_key_axis), ("kv_residual", args.kv_residual),
+                                     ("layer_budgets", args.layer_budgets), ("pyramid_slope", args.pyramid_slope))
+                   if v is not None}
     if args.seed:
         h2o_options["seed"] = args.seed
+    H2OConfig(**h2o_options)  # a bad option is one error line before the model loads
+    if args.frontier:
+        return run_frontier(args, h2o_options)
+    if args.kv_bits is not None:
+        h2o_options["kv_bits"] = args.kv_bits
     lm_eval_tasks, include_path = args.lm_eval_tasks, None
     if args.lm_eval_data:
         from .lm_eval_tasks import localize_standard_task
@@ -123,6 +167,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--lm-eval-data expects TASK=FILE, got {item!r}")
             local.append(localize_standard_task(task, data, include_path))
         lm_eval_tasks = [*(lm_eval_tasks or []), *local]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                  device=args.device)
     results = quality.evaluate(
         model, tokenizer, tasks=args.tasks, policies=args.policies, budgets=args.budgets,
         text=load_text(args.text) if args.text else None, prompt_len=args.prompt_len, gen_len=args.gen_len,
@@ -132,6 +178,38 @@ def run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         model_name=args.model or "embedded SmolLM2-135M-Instruct (fp32)", progress=not args.no_progress)
     paths = write_report(results, args.output)
+    print(paths["md"].read_text())
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_frontier(args: argparse.Namespace, h2o_options: dict) -> int:
+    """``h2o-cache eval --frontier``: every spec checked before the model loads, then ``evaluate_frontier``."""
+    from h2o_cache.models import load_model
+
+    from .frontier_report import write_frontier_report
+    from .report import write_json
+    from .texts import load_text
+
+    frontier.parse_specs(args.specs)
+    tasks = args.tasks if args.tasks_given else list(frontier.TASKS)
+    unknown = [t for t in tasks if t not in frontier.TASKS]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} not supported; choose from {list(frontier.TASKS)}")
+    quantized_options = {k: v for k, v in (("residual_length", args.quant_residual),
+                                           ("q_group_size", args.quant_group_size)) if v is not None}
+    text = load_text(args.text) if args.text else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                  device=args.device)
+    results = frontier.evaluate_frontier(
+        model, tokenizer, specs=args.specs, tasks=tasks, text=text, prompt_len=args.prompt_len, gen_len=args.gen_len,
+        windows=args.windows, retrieval_lengths=args.retrieval_lengths, retrieval_depths=args.retrieval_depths,
+        retrieval_samples=args.retrieval_samples, lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
+        h2o_options=h2o_options, quantized_options=quantized_options, seed=args.seed,
+        model_name=args.model or "embedded SmolLM2-135M-Instruct", progress=not args.no_progress,
+        on_spec=lambda rows: write_json(Path(args.output) / "frontier.partial.json", {"rows": rows}))
+    results["settings"]["command"] = " ".join(["h2o-cache eval", *args.argv])
+    paths = write_frontier_report(results, args.output)
     print(paths["md"].read_text())
     print("written:", ", ".join(str(p) for p in paths.values()))
     return 0
@@ -222,6 +300,8 @@ def main(command: str, argv: Sequence[str]) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     (add_eval_arguments if command == "eval" else add_bench_arguments)(parser)
     args = parser.parse_args(list(argv))
+    args.argv = list(argv)
+    args.tasks_given = any(a == "--tasks" or a.startswith("--tasks=") for a in argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

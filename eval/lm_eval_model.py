@@ -32,6 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from h2o_cache.compat import cache_kwargs
+from h2o_cache.runner import fp16_kv_bytes, kv_bytes
 
 from .caches import ALL_POLICIES, FULL, cache_config, check_budgets, make_cache
 from .lm_eval_tasks import LOCAL_TASKS, TASK_DIR
@@ -57,6 +58,9 @@ class H2OLM(HFLM):
         check_budgets([budget])
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.policy, self.budget, self.h2o_options = policy, float(budget), dict(h2o_options or {})
+        # Bytes the compressed caches held at the end of each scored continuation, and what an uncompressed fp16
+        # cache would have held for the same tokens (the byte share of ``h2o-cache eval --frontier``).
+        self.kv_usage = {"kv_bytes": 0, "fp16_bytes": 0}
 
     # ---- loglikelihood / multiple choice ------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -104,6 +108,8 @@ class H2OLM(HFLM):
                 logprob += float(logprobs[target])
                 greedy = greedy and int(logprobs.argmax()) == target
             answers.append((logprob, greedy))
+            self.kv_usage["kv_bytes"] += kv_bytes(step_cache)
+            self.kv_usage["fp16_bytes"] += fp16_kv_bytes(self.model.config, step_cache.get_seq_length())
         return answers
 
     # ---- generate_until -------------------------------------------------------------------------------------------
@@ -147,8 +153,11 @@ def _flatten(results: dict[str, Any]) -> dict[str, float]:
 
 def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = None, policy: str = "h2o",
                 budget: float = 0.2, limit: int | float | None = None, h2o_options: dict[str, Any] | None = None,
-                include_path: str | None = None, batch_size: int = 1, raw: bool = False) -> Any:
-    """``lm_eval.simple_evaluate`` through ``H2OLM``; returns ``{"task/metric": value}`` (or the raw results)."""
+                include_path: str | None = None, batch_size: int = 1, raw: bool = False,
+                kv_usage: dict[str, int] | None = None) -> Any:
+    """``lm_eval.simple_evaluate`` through ``H2OLM``; returns ``{"task/metric": value}`` (or the raw results).
+    A ``kv_usage`` dict receives ``H2OLM.kv_usage`` (bytes held by the compressed caches of the loglikelihood
+    requests, and their fp16 reference)."""
     import lm_eval
 
     lm = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=budget, h2o_options=h2o_options,
@@ -157,6 +166,8 @@ def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = Non
     manager = task_manager(include_path, _needs_lm_eval_tasks(tasks, include_path))
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
                                   limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    if kv_usage is not None:
+        kv_usage.update(lm.kv_usage)
     return out if raw else _flatten(out)
 
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from h2o_cache.compat import cache_kwargs
+from h2o_cache.runner import fp16_kv_bytes, kv_bytes
 
 from .caches import FULL, budget_tokens, make_cache
 from .texts import text_windows, token_stream
@@ -47,18 +48,23 @@ def streaming_nll(model: Any, windows: torch.Tensor, prompt_len: int, cache: Any
 def run_perplexity(model: Any, tokenizer: Any, text: str, configs: Sequence[tuple[str, float]], *,
                    prompt_len: int = 512, gen_len: int = 128, windows: int = 4, h2o_options: dict | None = None,
                    progress: bool = True) -> list[dict[str, Any]]:
-    """Perplexity per (policy, budget) over the same windows; one row per configuration."""
+    """Perplexity per (policy, budget) over the same windows; one row per configuration, with the bytes the cache
+    held at the end (``kv_bytes``) as a share of an fp16 cache of the same tokens (``byte_share``)."""
     if gen_len < 1:
         raise ValueError(f"gen_len must be >= 1, got {gen_len}")
     batch = text_windows(token_stream(tokenizer, text), windows, prompt_len + gen_len + 1)
     rows = []
     for policy, budget in tqdm(configs, desc="perplexity", disable=not progress):
         start = time.perf_counter()
-        cache, _ = make_cache(policy, model, budget, prompt_len, **(h2o_options or {}))
+        cache, reason = make_cache(policy, model, budget, prompt_len, **(h2o_options or {}))
+        if cache is None:
+            raise ValueError(f"cache {policy!r} cannot run here: {reason}")
         nll, n = streaming_nll(model, batch, prompt_len, cache, progress=progress)
+        stored = kv_bytes(cache)
         rows.append({"task": "perplexity", "policy": policy, "budget": budget,
                      "budget_tokens": prompt_len if policy == FULL else budget_tokens(budget, prompt_len),
-                     "nll": nll / n, "perplexity": math.exp(nll / n), "tokens": n,
+                     "nll": nll / n, "perplexity": math.exp(nll / n), "tokens": n, "kv_bytes": stored,
+                     "byte_share": stored / fp16_kv_bytes(model.config, cache.get_seq_length(), batch.shape[0]),
                      "seconds": round(time.perf_counter() - start, 2)})
         logger.info("perplexity %s@%.2f: %.3f", policy, budget, rows[-1]["perplexity"])
     return rows

@@ -86,3 +86,40 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequ
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
+
+
+def panel_plot(path: str | Path, panels: Sequence[Mapping[str, Any]], *, title: str, xlabel: str,
+               logx: bool = False) -> Path | None:
+    """Panels side by side sharing one x axis; each panel is ``{"ylabel", "series": {name: (xs, ys)}, "hlines":
+    {name: y}, "logy": bool}`` (``hlines``, ``logy`` optional). Saved whole (temporary file + rename); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: skipping %s (pip install 'h2o-cache[eval]')", path)
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for name, (xs, ys) in panel["series"].items():
+            order = sorted(range(len(xs)), key=lambda i: xs[i])
+            ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=name)
+        for name, y in (panel.get("hlines") or {}).items():
+            ax.axhline(y, linestyle="--", color="black", linewidth=1, label=name)
+        if logx:
+            ax.set_xscale("log")
+        if panel.get("logy"):
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel["ylabel"])
+        ax.grid(True, alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -41,8 +41,12 @@ SYSTEMS = ("accelerate", "deepspeed", "flexgen", "flash2")
 
 def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, budget: float | None = None,
             tokenizer: Any = None, warmup: int = 1, repeats: int = 3, bandwidth_gb_s: float | None = None,
-            system: str = "hf", extra: dict[str, Any] | None = None, micro_batch: int = 0) -> dict[str, Any]:
+            system: str = "hf", extra: dict[str, Any] | None = None, micro_batch: int = 0,
+            options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure one configuration; returns a result record (``status`` ok/skipped/failed).
+
+    ``options`` go to the cache factory (``eval.caches.make_cache``: ``H2OConfig`` fields such as ``kv_bits``, or
+    a transformers cache's own).
 
     ``micro_batch`` > 0 prefills that many sequences at a time (``h2o_cache.batching``); the decode runs the whole
     batch at once either way.
@@ -59,13 +63,14 @@ def measure(model: Any, *, cache: str, batch: int, prompt_len: int, gen: int, bu
     if cache in TRANSFORMERS_CACHES:
         micro_batch = 0  # only those caches can be concatenated (h2o_cache.concatenate_caches)
         record["prefill_micro_batch"] = batch
-    probe, reason = make_cache(cache, model, budget, prompt_len)
+    options = dict(options or {})
+    probe, reason = make_cache(cache, model, budget, prompt_len, **options)
     if probe is None:
         return {**record, "status": "skipped", "reason": reason}
     del probe
 
     def new_cache(length: int = prompt_len) -> Any:
-        return make_cache(cache, model, budget, length)[0]
+        return make_cache(cache, model, budget, length, **options)[0]
 
     ids = prompt_batch(tokenizer, model.config.vocab_size, batch, prompt_len).to(device)
     try:

@@ -103,6 +103,8 @@ class H2OLayer(CacheLayerMixin):
         self.h2o_config = h2o_config
         self.policy = get_policy(h2o_config.policy)
         self.layer_idx = layer_idx
+        self.num_layers: int | None = None  # the model's, set by H2OCache: per-layer budgets need it
+        self.budget_index = layer_idx  # this layer's rank among the H2O layers (hybrid models: not layer_idx)
         self.prompt_length = prompt_length  # what ratio budgets resolve against; None: the first update's length
         self.seen = 0
         self.heavy: int | None = None  # slots, fixed by the first update (the prompt)
@@ -170,7 +172,8 @@ class H2OLayer(CacheLayerMixin):
                 raise RuntimeError("h2o_cache.disable() was called: call h2o_cache.enable() before using an H2OCache")
             # Every H2O layer asks (the config warns once): in a hybrid model layer 0 may be a window layer.
             self.h2o_config.warn_if_small(self.prompt_length or q_len)
-            heavy, recent = self.h2o_config.token_budgets(self.prompt_length or q_len)
+            heavy, recent = self.h2o_config.layer_token_budgets(self.prompt_length or q_len, self.budget_index,
+                                                                self.num_layers)
             self.heavy, self.recent = self.policy.split(heavy, recent, self.h2o_config)
             logger.debug("layer %d: budget %d heavy + %d recent", self.layer_idx, self.heavy, self.recent)
 
@@ -232,7 +235,9 @@ class H2OLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
+        placement = self.num_layers, self.budget_index  # given by the cache, not by __init__'s arguments
         self.__init__(self.h2o_config, self.layer_idx, self.prompt_length)
+        self.num_layers, self.budget_index = placement
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
@@ -368,6 +373,7 @@ class H2OLayer(CacheLayerMixin):
                 "prompts with one padded width, prefilled the same way and each after a complete forward"
             )
         out = cls(first.h2o_config, first.layer_idx, first.prompt_length)
+        out.num_layers, out.budget_index = first.num_layers, first.budget_index
         if not first.is_initialized:
             return out
         out.dtype, out.device, out.is_initialized = first.dtype, first.device, True
@@ -443,10 +449,12 @@ class H2OCache(Cache):
         self.prompt_length = prompt_length
         # (layer type, window) per decoder layer; None without a config: every layer is an H2O layer.
         self.layer_plan: list[tuple[str, int | None]] | None = None
+        self.num_layers: int | None = None  # H2O layers of the model: what per-layer budgets share a total among
         if config is not None:
             from .support import check_model_config
 
             self.layer_plan = check_model_config(config)
+            self.num_layers = sum(layer_type == FULL_ATTENTION for layer_type, _ in self.layer_plan)
             if all(layer_type != FULL_ATTENTION for layer_type, _ in self.layer_plan):
                 logger.warning(
                     "H2OCache: %s has no full-attention layer (every layer is %s), so H2O compresses nothing: the "
@@ -472,7 +480,11 @@ class H2OCache(Cache):
         differs), sized by the config's window.
         """
         if self.layer_type(layer_idx) == FULL_ATTENTION:
-            return layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+            layer = layer_class(self.h2o_config)(self.h2o_config, layer_idx, self.prompt_length)
+            layer.num_layers = self.num_layers
+            if self.layer_plan is not None:  # per-layer budgets rank the H2O layers only
+                layer.budget_index = sum(t == FULL_ATTENTION for t, _ in self.layer_plan[:layer_idx])
+            return layer
         return DynamicSlidingWindowLayer(sliding_window=self.layer_plan[layer_idx][1])
 
     def update(

@@ -15,6 +15,7 @@ GQA_AGGREGATIONS = ("mean", "max")
 SCORE_NORMALIZATIONS = ("none", "age")
 KV_BITS = (2, 4, 8)
 KV_KEY_AXES = ("channel", "token")
+LAYER_BUDGETS = ("uniform", "pyramid")
 
 # The paper's (and its FlexGen implementation's) defaults: 10% heavy hitters + 10% recent tokens.
 DEFAULT_HEAVY_RATIO = 0.1
@@ -76,6 +77,10 @@ class H2OConfig:
         kv_key_axis: ``channel`` (default, as KIVI: each key channel has its own scale over a group of tokens,
             which keeps outlier channels from flattening the others) or ``token`` (one scale per group of a
             token's channels, like values).
+        layer_budgets: how the total budget is shared by the layers: ``uniform`` (every layer the same) or
+            ``pyramid`` (PyramidKV: a linear ramp, lower layers more, same total; ``layer_token_budgets``).
+        pyramid_slope: the ramp of ``pyramid``, in (-1, 1): the first layer keeps ``1 + slope`` times the mean
+            budget, the last ``1 - slope`` times (a negative slope gives the upper layers more).
         kv_residual: the newest tokens kept in full precision (KIVI's residual); with an evicting policy at most
             the recent window (``max(recent, 1)``) of them.
 
@@ -99,12 +104,14 @@ class H2OConfig:
     kv_group_size: int = 32
     kv_key_axis: str = "channel"
     kv_residual: int = 32
+    layer_budgets: str = "uniform"
+    pyramid_slope: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("heavy_budget", "recent_budget", "sink_tokens", "prefill_chunk_size", "prefill_chunk_bytes",
                      "seed", "min_budget", "kv_bits", "kv_group_size", "kv_residual"):
             object.__setattr__(self, name, _as_int(getattr(self, name)))
-        for name in ("heavy_ratio", "recent_ratio"):
+        for name in ("heavy_ratio", "recent_ratio", "pyramid_slope"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
         ratios = (self.heavy_ratio, self.recent_ratio)
         budgets = (self.heavy_budget, self.recent_budget)
@@ -160,6 +167,10 @@ class H2OConfig:
         _check_int("kv_group_size", self.kv_group_size, 1)
         _check_choice("kv_key_axis", self.kv_key_axis, KV_KEY_AXES)
         _check_int("kv_residual", self.kv_residual, 0)
+        _check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
+        if isinstance(self.pyramid_slope, bool) or not isinstance(self.pyramid_slope, (int, float)) or not (
+                -1.0 < self.pyramid_slope < 1.0):
+            raise ValueError(f"H2OConfig: pyramid_slope must be a number in (-1, 1), got {self.pyramid_slope!r}")
 
     def chunk_bytes(self, device_type: str) -> int:
         """``prefill_chunk_bytes``, or its default for a device of this type (``"cpu"``, ``"cuda"``, ...)."""
@@ -183,6 +194,28 @@ class H2OConfig:
         if heavy + recent == 0:  # a tiny prompt must still leave room for the token being written
             recent = 1
         return heavy, recent
+
+    def layer_token_budgets(self, prompt_length: int, layer_idx: int, num_layers: int | None) -> tuple[int, int]:
+        """``(heavy, recent)`` of layer ``layer_idx``: ``token_budgets`` for ``uniform``; for ``pyramid`` the
+        layers' totals follow a linear ramp (largest remainders keep the sum exactly ``num_layers`` times the
+        uniform total, at least one token each) and each layer splits its total in the uniform proportion."""
+        heavy, recent = self.token_budgets(prompt_length)
+        if self.layer_budgets == "uniform":
+            return heavy, recent
+        if num_layers is None:
+            raise ValueError("H2OConfig: layer_budgets='pyramid' needs the model's layer count: create the "
+                             "H2OCache with the model's config")
+        total = heavy + recent
+        ramp = [1 + self.pyramid_slope * (1 - 2 * i / (num_layers - 1)) if num_layers > 1 else 1.0
+                for i in range(num_layers)]
+        shares = [max(1.0, total * r) for r in ramp]
+        shares = [x * total * num_layers / sum(shares) for x in shares]
+        totals = [int(x) for x in shares]
+        for i in sorted(range(num_layers), key=lambda i: totals[i] - shares[i])[: total * num_layers - sum(totals)]:
+            totals[i] += 1
+        mine = totals[layer_idx]
+        layer_heavy = min(mine - (recent > 0), round(mine * heavy / total))
+        return layer_heavy, mine - layer_heavy
 
     def warn_if_small(self, prompt_length: int) -> None:
         """Log a warning when ratio budgets leave a short prompt only a handful of tokens (once per config)."""

@@ -22,21 +22,38 @@ from .compat import cache_kwargs
 from .config import H2OConfig
 
 
-def kv_bytes(cache: Any) -> int | None:
-    """Stored KV bytes of any transformers cache: for an ``H2OCache`` everything it holds per token (codes,
-    quantisation parameters, scores, positions, validity; ``H2OCache.kv_bytes``), for other caches their keys and
-    values; ``None`` when the storage cannot be counted (transformers' quantized caches keep backend-specific
-    tensors)."""
+def kv_bytes(cache: Any) -> int:
+    """Every byte a transformers cache holds for its tokens: an ``H2OCache`` counts its own (codes, scales, zero
+    points, residual, scores, positions, validity); any other cache's layers are walked tensor by tensor, so
+    ``QuantizedCache`` counts its packed codes, scales and zero points (quanto's tensors, hqq's metadata) and its
+    full-precision residual."""
     if isinstance(cache, H2OCache):
         return cache.kv_bytes()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "_quantized_keys"):
-            return None
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(_tensor_bytes(vars(layer)) for layer in getattr(cache, "layers", []))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside ``obj`` (nested dicts, lists, tuples; tensor subclasses such as quanto's
+    packed tensors through ``__tensor_flatten__``)."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, name)) for name in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def fp16_kv_bytes(config: Any, tokens: int, batch: int = 1) -> int:
+    """What an uncompressed cache would hold for ``tokens`` tokens of ``batch`` sequences in fp16, the reference
+    of every byte share: 2 bytes x 2 (keys, values) x layers x KV heads x head_dim x tokens x batch."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * batch
 
 
 @dataclass
@@ -126,7 +143,7 @@ def timed_generate(
         prefill_s=run.prefill_s,
         decode_tok_s=steps * batch / run.decode_s if steps > 0 else float("nan"),
         total_s=run.prefill_s + run.decode_s,
-        kv_bytes=kv_bytes(run.cache) or 0,
+        kv_bytes=kv_bytes(run.cache),
         tokens_kept=run.cache.tokens_kept() if isinstance(run.cache, H2OCache) else run.cache.get_seq_length(),
         tokens_seen=run.cache.get_seq_length(),
     )

@@ -14,21 +14,31 @@ import torch
 QUANT_BACKENDS = ("quanto", "hqq")
 
 
+def backend_missing(backend: str) -> str | None:
+    """Why ``backend`` (``quanto`` or ``hqq``) cannot serve a ``QuantizedCache`` here, or None when it is installed."""
+    if backend == "quanto":
+        found = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto")
+        return None if found else "optimum-quanto not installed (pip install optimum-quanto)"
+    if backend == "hqq":
+        return None if importlib.util.find_spec("hqq") is not None else "hqq not installed (pip install hqq)"
+    raise ValueError(f"backend {backend!r} is not supported; choose from {list(QUANT_BACKENDS)}")
+
+
 def quantized_backend() -> tuple[str | None, str | None]:
     """The first usable quantized-cache backend, or ``(None, reason)``."""
-    reasons = []
-    if importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None:
-        return "quanto", None
-    reasons.append("optimum-quanto not installed (pip install optimum-quanto)")
-    if importlib.util.find_spec("hqq") is not None:
-        return "hqq", None
-    reasons.append("hqq not installed (pip install hqq)")
+    reasons = [backend_missing(b) for b in QUANT_BACKENDS]
+    for backend, reason in zip(QUANT_BACKENDS, reasons, strict=True):
+        if reason is None:
+            return backend, None
     return None, "; ".join(reasons)
 
 
-def make_cache(kind: str, model: Any, *, nbits: int = 4) -> tuple[Any | None, str | None]:
+def make_cache(kind: str, model: Any, *, nbits: int = 4, backend: str | None = None, **quant_options: Any
+               ) -> tuple[Any | None, str | None]:
     """A fresh cache of ``kind`` (``offloaded`` or ``quantized``) for ``model``; ``full`` (``DynamicCache``) is
-    built by ``h2o_cache.eval.caches.make_cache``."""
+    built by ``h2o_cache.eval.caches.make_cache``. ``quantized`` takes ``nbits`` and a ``backend`` (default: the
+    first installed of ``QUANT_BACKENDS``) and ``QuantizedCache``'s own options (``residual_length``,
+    ``q_group_size``)."""
     from transformers import DynamicCache
 
     if kind == "offloaded":
@@ -39,15 +49,17 @@ def make_cache(kind: str, model: Any, *, nbits: int = 4) -> tuple[Any | None, st
                           "is a no-op here (it would measure DynamicCache again)")
         return DynamicCache(config=model.config, offloading=True), None
     if kind == "quantized":
-        backend, reason = quantized_backend()
+        reason = backend_missing(backend) if backend is not None else None
         if backend is None:
+            backend, reason = quantized_backend()
+        if reason is not None:
             return None, reason
         from transformers import QuantizedCache
 
         try:
-            cache = QuantizedCache(backend=backend, config=model.config, nbits=nbits)
+            cache = QuantizedCache(backend=backend, config=model.config, nbits=nbits, **quant_options)
             # Exercise the backend once: some install but fail at the first quantization on CPU.
-            probe = QuantizedCache(backend=backend, config=model.config, nbits=nbits)
+            probe = QuantizedCache(backend=backend, config=model.config, nbits=nbits, **quant_options)
             k = torch.zeros(1, model.config.num_key_value_heads, 2, _head_dim(model.config))
             probe.update(k, k, 0)
         except Exception as err:  # noqa: BLE001 - report any backend failure as a skip reason
