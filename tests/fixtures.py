@@ -275,7 +275,9 @@ def check_hybrid_eviction(family: str, attn: str):
     by_type = cache.kv_bytes_by_type()
     assert sum(by_type.values()) == cache.kv_bytes()
     per_slot = ids.shape[0] * model.config.num_key_value_heads * 2 * h2o_layers[0].keys.shape[-1] * 4
-    assert by_type["full_attention"] == len(h2o_layers) * 9 * per_slot
+    kinds = [layer.kv_bytes_by_kind() for layer in h2o_layers]
+    assert sum(k["keys"] + k["values"] for k in kinds) == len(h2o_layers) * 9 * per_slot
+    assert by_type["full_attention"] == sum(sum(k.values()) for k in kinds)  # + scores, positions (bookkeeping)
     # The prompt was attended to in full before anything was evicted.
     ref = greedy(model, ids, new_tokens=1, past_key_values=DynamicCache(config=model.config))
     assert (out.logits[0] - ref.logits[0]).abs().max() < 1e-5
