@@ -173,8 +173,9 @@ def test_kv_bytes_and_stats_per_layer_type():
     stats = out.past_key_values.stats()
     assert stats["layer_types"] == {"sliding_attention": 1, "full_attention": 1}
     slot = 2 * 2 * 16 * 4 * 2  # batch x KV heads x head_dim x float32 x (keys + values)
-    assert stats["kv_bytes_by_type"] == {"sliding_attention": 7 * slot, "full_attention": 9 * slot}
-    assert stats["kv_bytes"] == 16 * slot and stats["tokens_seen"] == PROMPT + NEW - 1
+    bookkeeping = 9 * 2 * 2 * (4 + 4)  # slots x batch x KV heads x (float32 score + int32 position)
+    assert stats["kv_bytes_by_type"] == {"sliding_attention": 7 * slot, "full_attention": 9 * slot + bookkeeping}
+    assert stats["kv_bytes"] == 16 * slot + bookkeeping and stats["tokens_seen"] == PROMPT + NEW - 1
 
 
 def test_unsupported_layer_types_are_refused_with_their_names():
