@@ -351,7 +351,9 @@ def merge_results(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
         merged["updated"] = max(filter(None, [merged.get("updated"), results.get("updated")]), default=None)
         for key, entry in cells.items():
             into = merged["cells"].setdefault(key, {**entry, "samples": {}, "seconds": 0.0})
-            into["seconds"] += entry.get("seconds", 0.0)
+            new = [d for d in entry["samples"] if d not in into["samples"]]
+            # A sample in two files (one copied from the other) counts its time once.
+            into["seconds"] += entry.get("seconds", 0.0) * len(new) / max(1, len(entry["samples"]))
             for doc_id, sample in entry["samples"].items():
                 if into["samples"].setdefault(doc_id, sample)["input_sha1"] != sample["input_sha1"]:
                     raise ValueError(f"--merge: sample {doc_id} of {key} differs between the files (another "
