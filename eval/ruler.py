@@ -6,9 +6,10 @@ This module only runs them cell by cell -- a cell is (task, length, policy, budg
 every finished sample's score in a JSON file, so a long run can stop and go on (``resume``) without recomputing
 what is done, and a cell can grow from 50 to 100 samples by evaluating the 50 new ones only.
 
-Samples are reproducible: lm-eval seeds ``random`` with 0 before it builds a task, and RULER's generators draw
-from that state; each task is built alone, after the same seeding, as ``lm_eval --tasks TASK`` builds it. Every
-stored sample keeps a hash of its prompt, compared when a run resumes.
+Samples are reproducible: lm-eval seeds ``random``, numpy and torch before it builds a task, and RULER's
+generators draw from that state; each task is built alone, after the same seeding, as ``lm_eval --tasks TASK``
+builds it. (``ruler_cwe`` also draws from a generator of its module: in one process, its samples at a second
+length depend on the first.) Every stored sample keeps a hash of its prompt, compared when a run resumes or merges.
 
 RULER sizes its samples with a tokenizer loaded from a folder (``tokenizer`` in lm-eval's task metadata): the
 model's own, by default the folder it was loaded from.
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from tqdm.auto import tqdm
 
@@ -59,8 +61,9 @@ DEFAULT_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")
 DEFAULT_LENGTHS = (4096, 8192)
 DEFAULT_POLICIES = ("full", "h2o", "streaming", "local", "random")
 DEFAULT_BUDGETS = (0.1, 0.2, 0.5)
-# lm-eval's own default: ``simple_evaluate`` seeds ``random`` with it before building tasks.
-DATA_SEED = 0
+# lm-eval's own defaults: ``simple_evaluate`` seeds ``random`` with the first, numpy and torch with the second,
+# before it builds tasks (lm_eval.defaults).
+DATA_SEED, OTHER_SEED = 0, 1234
 FORMAT = 1
 
 
@@ -198,7 +201,10 @@ class _Tasks:
     def get(self, name: str, length: int) -> Any:
         if (name, length) not in self._tasks:
             manager = self.manager(length)
-            random.seed(DATA_SEED)  # what simple_evaluate does right before it builds a task
+            # What simple_evaluate does right before it builds a task (ruler_vt draws from numpy's generator).
+            random.seed(DATA_SEED)
+            numpy.random.seed(OTHER_SEED)
+            torch.manual_seed(OTHER_SEED)
             try:
                 self._tasks[name, length] = manager.load([name])["tasks"][name]
             except Exception as err:

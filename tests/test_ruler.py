@@ -82,6 +82,11 @@ def test_cli_runs_cells_then_resumes_only_the_missing_samples(tiny_lm_folder, tm
     before = out.read_text()
     assert main([*grow, "--seed", "3"]) == 2
     assert "seed" in capsys.readouterr().err and out.read_text() == before
+    # So would another sample under the same number (another tokenizer, another lm-eval).
+    results["cells"][f"{TASK}|{LENGTH}|h2o|0.2"]["samples"]["1"]["input_sha1"] = "0" * 12
+    out.write_text(json.dumps(results))
+    assert main(grow) == 2
+    assert "differs" in capsys.readouterr().err
 
 
 def test_cell_statistics_and_table():
