@@ -287,6 +287,7 @@ def run_ruler(model: Any, tokenizer: Any, *, output: str | os.PathLike, tasks: S
     settings = {"model": model_name or str(getattr(model, "name_or_path", type(model).__name__)),
                 "dtype": str(model.dtype).replace("torch.", ""), "seed": seed, "batch_size": batch_size,
                 "lm_eval": lm_eval.__version__}
+    check_results_file(path, resume, force)  # before the lock file goes next to it
     with _exclusive(path):
         results = _open_results(path, settings, resume, force)
         results["commands"].append(command or "run_ruler")
