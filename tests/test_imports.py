@@ -142,7 +142,7 @@ def test_core_works_without_the_eval_extra():
     assert "needs lm-eval" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["eval", "bench"])
+@pytest.mark.parametrize("command", ["eval", "bench", "ruler"])
 def test_eval_commands_start_without_lm_eval(command):
     code = BLOCK_EVAL_EXTRAS + (
         "import contextlib\nfrom h2o_cache.cli import main\n"
