@@ -21,6 +21,7 @@ tasks run the same way; standard tasks need their datasets available locally (se
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from h2o_cache.compat import cache_kwargs
+from h2o_cache.config import H2OConfig
 from h2o_cache.runner import fp16_kv_bytes, kv_bytes
 
 from .caches import ALL_POLICIES, FULL, cache_config, check_budgets, make_cache
@@ -171,7 +173,9 @@ def run_lm_eval(model: Any, tokenizer: Any, *, tasks: Sequence[str] | None = Non
     return out if raw else _flatten(out)
 
 
-_H2O_FIELDS = {"gqa_aggregation", "score_normalization", "sink_tokens", "seed"}
+# Every H2OConfig option but the budget (given as budget= or heavy_ratio/recent_ratio) and policy, e.g. kv_bits.
+_H2O_FIELDS = {f.name for f in dataclasses.fields(H2OConfig)} - {
+    "heavy_ratio", "recent_ratio", "heavy_budget", "recent_budget", "policy"}
 
 
 def h2o_lm_from_args(args: str | dict[str, Any], additional_config: dict | None = None) -> H2OLM:

@@ -151,3 +151,10 @@ def test_merge_joins_split_runs_and_refuses_other_settings(tmp_path, capsys):
     assert main(["ruler", "--merge", str(a), str(c), "--output", str(tmp_path / "x.json")]) == 2
     assert "settings" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
     assert main(["ruler", "--merge", str(a), "--output", str(a), "--force"]) == 2
+
+
+def test_model_args_reach_every_h2o_option(tiny_lm_folder):
+    from h2o_cache.eval.lm_eval_model import h2o_lm_from_args
+
+    lm = h2o_lm_from_args(f"pretrained={tiny_lm_folder},policy=h2o,budget=0.5,kv_bits=4,kv_key_axis=token")
+    assert lm.h2o_options == {"kv_bits": 4, "kv_key_axis": "token"}
