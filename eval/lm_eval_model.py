@@ -11,8 +11,8 @@ that share a context (the choices of a multiple-choice item) share one prefill: 
 continuation. The budget is a fraction of ``len(context) + len(longest continuation)``, i.e. of every token the
 model sees for the item, so at 100% nothing is evicted and the scores equal plain HFLM's (tested).
 
-``generate_until`` requests go through ``model.generate(cache_implementation="h2o")`` with a budget that is a
-fraction of the prompt length. ``policy="full"`` leaves HFLM's own code paths untouched.
+``generate_until`` requests go through ``model.generate`` with the policy's cache (``policy="full"``: a
+``DynamicCache``, as HFLM's own path makes) and a budget that is a fraction of the prompt length.
 
 The wrapper does not care which task it serves: the project's local tasks (``eval/tasks``) and standard lm-eval
 tasks run the same way; standard tasks need their datasets available locally (see docs/benchmarks/quality.md).
@@ -36,7 +36,7 @@ from h2o_cache.compat import cache_kwargs
 from h2o_cache.config import H2OConfig
 from h2o_cache.runner import fp16_kv_bytes, kv_bytes
 
-from .caches import ALL_POLICIES, FULL, cache_config, check_budgets, make_cache
+from .caches import ALL_POLICIES, FULL, check_budgets, make_cache
 from .lm_eval_tasks import LOCAL_TASKS, TASK_DIR
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class H2OLM(HFLM):
         check_budgets([budget])
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.policy, self.budget, self.h2o_options = policy, float(budget), dict(h2o_options or {})
-        # Bytes the compressed caches held at the end of each scored continuation, and what an uncompressed fp16
-        # cache would have held for the same tokens (the byte share of ``h2o-cache eval --frontier``).
+        # Bytes the caches held at the end of each scored continuation or generation, and what an uncompressed
+        # fp16 cache would have held for the same tokens (the byte share of ``h2o-cache eval --frontier``).
         self.kv_usage = {"kv_bytes": 0, "fp16_bytes": 0}
 
     # ---- loglikelihood / multiple choice ------------------------------------------------------------------------
@@ -110,17 +110,21 @@ class H2OLM(HFLM):
                 logprob += float(logprobs[target])
                 greedy = greedy and int(logprobs.argmax()) == target
             answers.append((logprob, greedy))
-            self.kv_usage["kv_bytes"] += kv_bytes(step_cache)
-            self.kv_usage["fp16_bytes"] += fp16_kv_bytes(self.model.config, step_cache.get_seq_length())
+            self._count_bytes(step_cache)
         return answers
 
     # ---- generate_until -------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        if self.policy != FULL:
-            generation_kwargs["cache_implementation"] = "h2o"
-            generation_kwargs["cache_config"] = cache_config(self.policy, self.budget, context.shape[1],
-                                                              **self.h2o_options)
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        # The cache is made here, not by ``cache_implementation``, so that its bytes can be counted afterwards.
+        options = self.h2o_options if self.policy != FULL else {}
+        cache, _ = make_cache(self.policy, self.model, self.budget, context.shape[1], **options)
+        out = super()._model_generate(context, max_length, stop, **cache_kwargs(cache), **generation_kwargs)
+        self._count_bytes(cache, context.shape[0])
+        return out
+
+    def _count_bytes(self, cache: Any, batch: int = 1) -> None:
+        self.kv_usage["kv_bytes"] += kv_bytes(cache)
+        self.kv_usage["fp16_bytes"] += fp16_kv_bytes(self.model.config, cache.get_seq_length(), batch)
 
 
 @functools.lru_cache(maxsize=8)

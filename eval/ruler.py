@@ -65,6 +65,10 @@ DEFAULT_BUDGETS = (0.1, 0.2, 0.5)
 # before it builds tasks (lm_eval.defaults).
 DATA_SEED, OTHER_SEED = 0, 1234
 FORMAT = 1
+# Per cell, summed over its generations: the bytes its caches held at the end (``h2o_cache.runner.kv_bytes``) and
+# what an fp16 cache of the same tokens holds; their ratio is the byte axis of ``h2o-cache eval --frontier``.
+BYTE_SUMS = ("kv_bytes", "fp16_bytes")
+KV_COLUMN = "KV bytes"
 
 
 def require_ruler() -> None:
@@ -322,10 +326,13 @@ def run_ruler(model: Any, tokenizer: Any, *, output: str | os.PathLike, tasks: S
             for start in range(0, len(missing), chunk):
                 ids = missing[start:start + chunk]
                 began = time.perf_counter()
+                held = dict(lm.kv_usage)
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task], samples={cell.task: ids}, bootstrap_iters=0,
                                               log_samples=True, random_seed=DATA_SEED,
                                               task_manager=built.manager(cell.length))
                 entry["seconds"] += time.perf_counter() - began
+                for name in BYTE_SUMS:
+                    entry[name] = entry.get(name, 0) + lm.kv_usage[name] - held[name]
                 for sample in out["samples"][cell.task]:
                     response = sample["filtered_resps"][0]
                     entry["samples"][str(sample["doc_id"])] = {
@@ -357,10 +364,14 @@ def merge_results(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
         merged["commands"] += results.get("commands", [])
         merged["updated"] = max(filter(None, [merged.get("updated"), results.get("updated")]), default=None)
         for key, entry in cells.items():
-            into = merged["cells"].setdefault(key, {**entry, "samples": {}, "seconds": 0.0})
+            into = merged["cells"].setdefault(key, {**entry, "samples": {}, "seconds": 0.0,
+                                                    **dict.fromkeys(BYTE_SUMS, 0)})
             new = [d for d in entry["samples"] if d not in into["samples"]]
-            # A sample in two files (one copied from the other) counts its time once.
-            into["seconds"] += entry.get("seconds", 0.0) * len(new) / max(1, len(entry["samples"]))
+            # A sample in two files (one copied from the other) counts its time (and bytes) once.
+            share = len(new) / max(1, len(entry["samples"]))
+            into["seconds"] += entry.get("seconds", 0.0) * share
+            for name in BYTE_SUMS:
+                into[name] += round(entry.get(name, 0) * share)
             for doc_id, sample in entry["samples"].items():
                 if into["samples"].setdefault(doc_id, sample)["input_sha1"] != sample["input_sha1"]:
                     raise ValueError(f"--merge: sample {doc_id} of {key} differs between the files (another "
@@ -393,8 +404,10 @@ def _label(entry: dict[str, Any]) -> str:
 
 
 def summary(results: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
-    """Per length, one row per configuration (policy, budget, options): ``{task: "mean ± stderr (n)"}``."""
+    """Per length, one row per configuration (policy, budget, options): ``{task: "mean ± stderr (n)"}``, and the
+    bytes its caches held as a share of an fp16 cache of the same tokens (over the samples that counted them)."""
     tables: dict[int, dict[tuple[str, float], dict[str, Any]]] = {}
+    held: dict[tuple[int, str, float], list[int]] = {}
     for entry in results["cells"].values():
         mean, err, n = cell_stats(entry)
         if n == 0:
@@ -403,6 +416,11 @@ def summary(results: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
         row = tables.setdefault(entry["length"], {}).setdefault(
             (label, entry["budget"]), {"configuration": label, "budget": f"{entry['budget']:.0%}"})
         row[entry["task"]] = f"{mean:.3f}" + (f" ± {err:.3f}" if err is not None else "") + f" ({n})"
+        sums = held.setdefault((entry["length"], label, entry["budget"]), [0, 0])
+        for i, name in enumerate(BYTE_SUMS):
+            sums[i] += entry.get(name, 0)
+    for (length, label, budget), (kv, fp16) in held.items():
+        tables[length][label, budget][KV_COLUMN] = f"{kv / fp16:.1%}" if fp16 else "-"
     order = {p: i for i, p in enumerate(ALL_POLICIES)}
     return {length: [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0].split("[")[0], 99), k[0], k[1]))]
             for length, rows in sorted(tables.items())}
@@ -413,10 +431,12 @@ def report_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [f"# RULER through lm-eval {s['lm_eval']}: {s['model']} ({s['dtype']})", "",
              "Each cell: mean score ± standard error of the mean (samples). Budget: KV slots as a fraction of the "
-             "prompt length (full: the uncompressed cache).", ""]
+             f"prompt length (full: the uncompressed cache). {KV_COLUMN}: what the caches held at the end of each "
+             "generation, as a share of an fp16 cache of the same tokens (all of them counted: codes, scales, "
+             "scores, positions; an fp32 full cache is 200%; '-' where no sample counted them).", ""]
     for length, rows in summary(results).items():
         lines += [f"## {length} tokens", "",
-                  markdown_table(rows, ["configuration", "budget", *tasks], floatfmt=".3f")]
+                  markdown_table(rows, ["configuration", "budget", KV_COLUMN, *tasks], floatfmt=".3f")]
     commands = results["commands"]
     lines += [f"Updated {results.get('updated') or results['created']}; {len(commands)} command(s), all in the "
               "JSON" + (f"; the last: `{commands[-1]}`" if commands else ""), ""]

@@ -163,6 +163,34 @@ def test_lm_eval_full_budget_equals_plain_hflm(tiny, policy):
     assert small[0][0] != pytest.approx(plain[0][0], abs=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["full", "h2o"])
+def test_lm_eval_generate_until_uses_the_policy_cache_and_counts_its_bytes(tiny, policy):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from h2o_cache.eval.caches import cache_config
+    from h2o_cache.eval.lm_eval_model import H2OLM
+
+    model, tokenizer = tiny
+    context = "Pack my box with five dozen liquor jugs. " * 4
+    # The random model's favourite token is EOS: suppress it so that a dozen tokens are really generated.
+    gen = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False, "suppress_tokens": [tokenizer.eos_token_id]}
+    lm = H2OLM(pretrained=model, tokenizer=tokenizer, policy=policy, budget=0.25, batch_size=1)
+    [text] = lm.generate_until([Instance("generate_until", {}, (context, gen), 0)], disable_tqdm=True)
+    # The same text as transformers' own generate with that cache.
+    ids = tokenizer(context, return_tensors="pt").input_ids
+    kwargs = ({} if policy == "full" else
+              {"cache_implementation": "h2o", "cache_config": cache_config(policy, 0.25, ids.shape[1])})
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              suppress_tokens=[tokenizer.eos_token_id], **kwargs)
+    assert expected.shape[1] == ids.shape[1] + 12
+    assert text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).split("\n\n")[0]
+    assert text.strip()
+    # Bytes held vs an fp16 cache of the same tokens: the tiny model runs in fp32 (200% for the full cache).
+    share = lm.kv_usage["kv_bytes"] / lm.kv_usage["fp16_bytes"]
+    assert share == pytest.approx(2.0) if policy == "full" else 0.3 < share < 1.2
+
+
 def test_lm_eval_rejects_bad_options(tiny):
     pytest.importorskip("lm_eval")
     from h2o_cache.eval.lm_eval_model import H2OLM

@@ -56,6 +56,11 @@ def test_cli_runs_cells_then_resumes_only_the_missing_samples(tiny_lm_folder, tm
     keys = {f"{TASK}|{LENGTH}|full|1", f"{TASK}|{LENGTH}|h2o|0.2"}
     assert set(results["cells"]) == keys
     assert all(list(c["samples"]) == ["0"] for c in results["cells"].values())
+    # The byte axis: what each cell's caches held, against an fp16 cache of the same tokens (fp32 full: 200%).
+    full, h2o = (results["cells"][f"{TASK}|{LENGTH}|{p}"] for p in ("full|1", "h2o|0.2"))
+    assert full["kv_bytes"] == 2 * full["fp16_bytes"] > 0
+    assert 0 < h2o["kv_bytes"] < 0.6 * h2o["fp16_bytes"]
+    assert "| configuration | budget | KV bytes |" in printed and "| full | 100% | 200.0% |" in printed
     assert out.with_suffix(".md").exists() and (tmp_path / f"ruler_{TASK}_{LENGTH}.png").exists()
 
     # The file exists: neither overwritten nor resumed without being asked.
@@ -96,7 +101,11 @@ def test_cell_statistics_and_table():
     assert (mean, n) == (0.5, 4) and err == pytest.approx((1 / 3) ** 0.5 / 2)
     results = {"settings": {"lm_eval": "x", "model": "m", "dtype": "float32"}, "created": "now", "commands": [],
                "cells": {"a": entry}}
-    assert f"| h2o | 20% | 0.500 ± {err:.3f} (4) |" in ruler.report_markdown(results)
+    # A cell from before the byte counter shows '-'; bytes sum over a configuration's cells (tasks).
+    assert f"| h2o | 20% | - | 0.500 ± {err:.3f} (4) |" in ruler.report_markdown(results)
+    other = {**entry, "task": "niah_multikey_2", "kv_bytes": 30, "fp16_bytes": 100}
+    results["cells"] = {"a": {**entry, "kv_bytes": 10, "fp16_bytes": 100}, "b": other}
+    assert "| h2o | 20% | 20.0% | 0.500" in ruler.report_markdown(results)
 
 
 def test_cells_apply_cache_options_to_the_compressed_policies_only():
@@ -135,6 +144,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
 def test_merge_joins_split_runs_and_refuses_other_settings(tmp_path, capsys):
     def results(seed, samples):
         entry = {"task": TASK, "length": 4096, "policy": "h2o", "budget": 0.2, "options": {}, "seconds": 1.0,
+                 "kv_bytes": 20, "fp16_bytes": 100,
                  "samples": {str(i): {"score": 1.0, "input_sha1": f"h{i}", "response": "x"} for i in samples}}
         return {"format": ruler.FORMAT, "created": "now", "updated": None, "commands": ["c"],
                 "settings": {"model": "m", "dtype": "float32", "seed": seed, "batch_size": 1, "lm_eval": "x"},
@@ -147,6 +157,9 @@ def test_merge_joins_split_runs_and_refuses_other_settings(tmp_path, capsys):
     assert main(["ruler", "--merge", str(a), str(b), "--output", str(out)]) == 0
     merged = json.loads(out.read_text())
     assert list(merged["cells"]["k"]["samples"]) == ["0", "1", "2"] and merged["commands"] == ["c", "c"]
+    # Sample 1 is in both files: its time and bytes count once (b adds half of its sums).
+    cell = merged["cells"]["k"]
+    assert (cell["seconds"], cell["kv_bytes"], cell["fp16_bytes"]) == (1.5, 30, 150)
     assert "(3)" in capsys.readouterr().out
     assert main(["ruler", "--merge", str(a), str(c), "--output", str(tmp_path / "x.json")]) == 2
     assert "settings" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
