@@ -311,6 +311,8 @@ def run_ruler(model: Any, tokenizer: Any, *, output: str | os.PathLike, tasks: S
                     raise ValueError(f"--resume: sample {doc_id} of {cell.key} in {str(path)!r} differs from the "
                                      "one lm-eval generates now (another tokenizer or lm-eval?): choose another "
                                      "--output")
+                if "depth" not in sample and (depth := needle_depth(docs[int(doc_id)])) is not None:
+                    sample["depth"] = depth  # samples stored before depths were
             todo[cell] = [i for i in range(min(limit, len(docs))) if str(i) not in entry["samples"]]
         write_json(path, results)
         bar = tqdm(total=sum(map(len, todo.values())), desc="RULER samples", disable=not progress)
@@ -335,9 +337,11 @@ def run_ruler(model: Any, tokenizer: Any, *, output: str | os.PathLike, tasks: S
                     entry[name] = entry.get(name, 0) + lm.kv_usage[name] - held[name]
                 for sample in out["samples"][cell.task]:
                     response = sample["filtered_resps"][0]
-                    entry["samples"][str(sample["doc_id"])] = {
+                    stored = entry["samples"][str(sample["doc_id"])] = {
                         "score": float(sample[str(cell.length)]), "input_sha1": _sha(sample["doc"]["input"]),
                         "response": response if isinstance(response, str) else str(response)}
+                    if (depth := needle_depth(sample["doc"])) is not None:
+                        stored["depth"] = depth
                 entry["samples"] = dict(sorted(entry["samples"].items(), key=lambda kv: int(kv[0])))
                 results["updated"] = _now()
                 write_json(path, results)
@@ -383,6 +387,42 @@ def merge_results(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
+def needle_depth(doc: dict[str, Any]) -> float | None:
+    """Where a needle task hid its (first) answer: the fraction of the prompt's characters before it; None for the
+    tasks with no one place (variable tracking, word counts), whose prompts hold no "special magic" needle."""
+    answers, text = doc.get("outputs") or [], doc.get("input", "")
+    where = text.find(str(answers[0])) if answers and "special magic" in text else -1
+    return round(where / len(text), 4) if where >= 0 else None
+
+
+DEPTH_BINS = 5
+
+
+def depth_summary(results: dict[str, Any]) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """Per (length, task) with needle depths, one row per configuration: the mean score of the samples whose needle
+    lies in each fifth of the prompt, ``"mean (n)"`` (the NIAH view: which depths a cache still retrieves)."""
+    tables: dict[tuple[int, str], dict[tuple[str, float], dict[str, Any]]] = {}
+    for entry in results["cells"].values():
+        depths = [(s["depth"], s["score"]) for s in entry["samples"].values() if "depth" in s]
+        if not depths:
+            continue
+        label = _label(entry)
+        row = tables.setdefault((entry["length"], entry["task"]), {}).setdefault(
+            (label, entry["budget"]), {"configuration": label, "budget": f"{entry['budget']:.0%}"})
+        bins: dict[int, list[float]] = {}
+        for depth, score in depths:
+            bins.setdefault(min(int(depth * DEPTH_BINS), DEPTH_BINS - 1), []).append(score)
+        for b, scores in bins.items():
+            row[_depth_column(b)] = f"{sum(scores) / len(scores):.2f} ({len(scores)})"
+    order = {p: i for i, p in enumerate(ALL_POLICIES)}
+    return {where: [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0].split("[")[0], 99), k[0], k[1]))]
+            for where, rows in sorted(tables.items())}
+
+
+def _depth_column(b: int) -> str:
+    return f"{b * 100 // DEPTH_BINS}-{(b + 1) * 100 // DEPTH_BINS}%"
+
+
 def cell_stats(entry: dict[str, Any]) -> tuple[float | None, float | None, int]:
     """(mean score, standard error of the mean, samples) of a cell; the error is s / sqrt(n), None below 2."""
     scores = [s["score"] for s in entry["samples"].values()]
@@ -437,6 +477,15 @@ def report_markdown(results: dict[str, Any]) -> str:
     for length, rows in summary(results).items():
         lines += [f"## {length} tokens", "",
                   markdown_table(rows, ["configuration", "budget", KV_COLUMN, *tasks], floatfmt=".3f")]
+    depths = depth_summary(results)
+    if depths:
+        lines += ["## Score by needle depth", "",
+                  "Mean score (samples) of the samples whose answer lies in each fifth of the prompt (by characters; "
+                  "0% = the start).", ""]
+        columns = [_depth_column(b) for b in range(DEPTH_BINS)]
+        for (length, task), rows in depths.items():
+            lines += [f"### {task}, {length} tokens", "",
+                      markdown_table(rows, ["configuration", "budget", *columns], floatfmt=".2f")]
     commands = results["commands"]
     lines += [f"Updated {results.get('updated') or results['created']}; {len(commands)} command(s), all in the "
               "JSON" + (f"; the last: `{commands[-1]}`" if commands else ""), ""]

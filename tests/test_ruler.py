@@ -82,6 +82,13 @@ def test_cli_runs_cells_then_resumes_only_the_missing_samples(tiny_lm_folder, tm
     results = json.loads(out.read_text())
     assert [len(results["cells"][k]["samples"]) for k in sorted(keys)] == [1, 2]
     assert results["cells"][f"{TASK}|{LENGTH}|full|1"]["samples"]["0"]["input_sha1"]
+    h2o_samples = results["cells"][f"{TASK}|{LENGTH}|h2o|0.2"]["samples"]
+    assert all(0 <= s["depth"] < 1 for s in h2o_samples.values())
+    # A sample stored before depths were gets its depth on the next resume, without being run again.
+    depth = h2o_samples["0"].pop("depth")
+    out.write_text(json.dumps(results))
+    assert main(grow) == 0 and asked == [{TASK: [1]}]
+    assert json.loads(out.read_text())["cells"][f"{TASK}|{LENGTH}|h2o|0.2"]["samples"]["0"]["depth"] == depth
 
     # Other settings would make cells that do not compare: refused, the file kept.
     before = out.read_text()
@@ -139,6 +146,23 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
         ruler.require_ruler()
     assert main(["ruler", "--limit", "1"]) == 2
     assert "pip install 'h2o-cache[ruler]'" in capsys.readouterr().err
+
+
+def test_needle_depth_and_the_table_by_depth():
+    filler = "The grass is green. " * 40
+    doc = {"input": filler + "One of the special magic numbers for x is: 1234567." + filler, "outputs": ["1234567"]}
+    assert ruler.needle_depth(doc) == pytest.approx(len(filler) / len(doc["input"]) + 44 / len(doc["input"]), abs=1e-3)
+    # Tasks with no needle (variable tracking, word counts) have no depth, even when the answer occurs.
+    assert ruler.needle_depth({"input": "VAR A = 5 ... VAR B = VAR A", "outputs": ["A", "B"]}) is None
+    assert ruler.needle_depth({"input": "special magic", "outputs": ["absent"]}) is None
+    samples = {"0": {"score": 1.0, "depth": 0.95}, "1": {"score": 0.0, "depth": 0.5}, "2": {"score": 1.0, "depth": 0.99},
+               "3": {"score": 0.0}}
+    results = {"settings": {"lm_eval": "x", "model": "m", "dtype": "float32"}, "created": "now", "commands": [],
+               "cells": {"a": {"task": TASK, "length": 4096, "policy": "h2o", "budget": 0.2, "options": {},
+                               "samples": samples}}}
+    text = ruler.report_markdown(results)
+    assert "| configuration | budget | 0-20% | 20-40% | 40-60% | 60-80% | 80-100% |" in text
+    assert "| h2o | 20% | - | - | 0.00 (1) | - | 1.00 (2) |" in text
 
 
 def test_merge_joins_split_runs_and_refuses_other_settings(tmp_path, capsys):
