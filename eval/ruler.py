@@ -395,12 +395,12 @@ def needle_depth(doc: dict[str, Any]) -> float | None:
     return round(where / len(text), 4) if where >= 0 else None
 
 
-DEPTH_BINS = 5
+DEPTH_BINS = 10
 
 
 def depth_summary(results: dict[str, Any]) -> dict[tuple[int, str], list[dict[str, Any]]]:
     """Per (length, task) with needle depths, one row per configuration: the mean score of the samples whose needle
-    lies in each fifth of the prompt, ``"mean (n)"`` (the NIAH view: which depths a cache still retrieves)."""
+    lies in each tenth of the prompt, ``"mean (n)"`` (the NIAH view: which depths a cache still retrieves)."""
     tables: dict[tuple[int, str], dict[tuple[str, float], dict[str, Any]]] = {}
     for entry in results["cells"].values():
         depths = [(s["depth"], s["score"]) for s in entry["samples"].values() if "depth" in s]
@@ -480,7 +480,7 @@ def report_markdown(results: dict[str, Any]) -> str:
     depths = depth_summary(results)
     if depths:
         lines += ["## Score by needle depth", "",
-                  "Mean score (samples) of the samples whose answer lies in each fifth of the prompt (by characters; "
+                  "Mean score (samples) of the samples whose answer lies in each tenth of the prompt (by characters; "
                   "0% = the start).", ""]
         columns = [_depth_column(b) for b in range(DEPTH_BINS)]
         for (length, task), rows in depths.items():

@@ -161,8 +161,8 @@ def test_needle_depth_and_the_table_by_depth():
                "cells": {"a": {"task": TASK, "length": 4096, "policy": "h2o", "budget": 0.2, "options": {},
                                "samples": samples}}}
     text = ruler.report_markdown(results)
-    assert "| configuration | budget | 0-20% | 20-40% | 40-60% | 60-80% | 80-100% |" in text
-    assert "| h2o | 20% | - | - | 0.00 (1) | - | 1.00 (2) |" in text
+    assert "| configuration | budget | 0-10% | 10-20% | 20-30% |" in text and "| 80-90% | 90-100% |" in text
+    assert "| h2o | 20% | - | - | - | - | - | 0.00 (1) | - | - | - | 1.00 (2) |" in text
 
 
 def test_merge_joins_split_runs_and_refuses_other_settings(tmp_path, capsys):
