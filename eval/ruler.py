@@ -414,6 +414,11 @@ def depth_summary(results: dict[str, Any]) -> dict[tuple[int, str], list[dict[st
             bins.setdefault(min(int(depth * DEPTH_BINS), DEPTH_BINS - 1), []).append(score)
         for b, scores in bins.items():
             row[_depth_column(b)] = f"{sum(scores) / len(scores):.2f} ({len(scores)})"
+    return _ordered(tables)
+
+
+def _ordered(tables: dict[Any, dict[tuple[str, float], dict[str, Any]]]) -> dict[Any, list[dict[str, Any]]]:
+    """Each table's rows in policy order (full first), then by options and budget; the tables by key."""
     order = {p: i for i, p in enumerate(ALL_POLICIES)}
     return {where: [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0].split("[")[0], 99), k[0], k[1]))]
             for where, rows in sorted(tables.items())}
@@ -461,9 +466,7 @@ def summary(results: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
             sums[i] += entry.get(name, 0)
     for (length, label, budget), (kv, fp16) in held.items():
         tables[length][label, budget][KV_COLUMN] = f"{kv / fp16:.1%}" if fp16 else "-"
-    order = {p: i for i, p in enumerate(ALL_POLICIES)}
-    return {length: [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0].split("[")[0], 99), k[0], k[1]))]
-            for length, rows in sorted(tables.items())}
+    return _ordered(tables)
 
 
 def report_markdown(results: dict[str, Any]) -> str:
