@@ -56,6 +56,21 @@ def beam_search(family: str, attn: str) -> None:
     assert out.past_key_values.tokens_kept() == 8
 
 
+def print_table(checks: dict, families) -> None:
+    """One row per (family, backend) of ``families`` (``(family, note, backends)``), one column per check; the
+    flash-attention row of each family is listed but needs CUDA."""
+    header = ["family", "adds", "backend", *checks]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for family, note, backends in families:
+        for attn in (*backends, "flash_attention_2"):
+            if attn == "flash_attention_2":
+                cells = ["not run here (needs CUDA)"] * len(checks)
+            else:
+                cells = [outcome(lambda c=c, f=family, a=attn: c(f, a)) for c in checks.values()]
+            print(f"| {family} | {note} | {attn} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     start = time.time()
@@ -76,16 +91,7 @@ def main() -> None:
     print("- **left-padded batch = alone**: rows of 40, 9 and 3 tokens at an absolute 4+4 budget; each row's "
           "tokens identical and logits within 1e-4 of the row run alone.")
     print("- **beam search at 20%**: `num_beams=3` at a 4+4 budget.\n")
-    header = ["family", "adds", "backend", *checks]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for family, (*_, note) in FAMILIES.items():
-        for attn in (*BACKENDS, "flash_attention_2"):
-            if attn == "flash_attention_2":
-                cells = ["not run here (needs CUDA)"] * len(checks)
-            else:
-                cells = [outcome(lambda c=c, f=family, a=attn: c(f, a)) for c in checks.values()]
-            print(f"| {family} | {note} | {attn} | " + " | ".join(cells) + " |")
+    print_table(checks, ((family, note, BACKENDS) for family, (*_, note) in FAMILIES.items()))
     print("\n## Hybrid and sliding-window families (tests/test_hybrid.py)\n")
     print("Two layers, sliding (window 8, below the 40-token prompt, so it really slides) then full, unless noted. "
           "Sliding and chunked layers keep transformers' own `DynamicSlidingWindowLayer`; full layers are H2O "
@@ -106,16 +112,8 @@ def main() -> None:
         "left-padded batch = alone": check_hybrid_padded,
         "beam search": check_hybrid_beams,
     }
-    header = ["family", "adds", "backend", *hybrid_checks]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for family, (*_, note, backends) in HYBRID_FAMILIES.items():
-        for attn in (*backends, "flash_attention_2"):
-            if attn == "flash_attention_2":
-                cells = ["not run here (needs CUDA)"] * len(hybrid_checks)
-            else:
-                cells = [outcome(lambda c=c, f=family, a=attn: c(f, a)) for c in hybrid_checks.values()]
-            print(f"| {family} | {note} | {attn} | " + " | ".join(cells) + " |")
+    print_table(hybrid_checks, ((family, note, backends)
+                                for family, (*_, note, backends) in HYBRID_FAMILIES.items()))
     print("\n## Refused with a ValueError before generating\n")
     print("| model | reason (error message contains) |\n|---|---|")
     import test_families
